@@ -1,0 +1,15 @@
+"""eesim: simulate and profile the serving of early-exit language models."""
+
+from pathlib import Path as _Path
+
+# In a source checkout run without installation (PYTHONPATH=<repo>), the top-level policies/ and
+# kernels/ folders are found as eesim.policies and eesim.kernels, as the installed package maps them.
+_repo_root = _Path(__file__).resolve().parent.parent
+if (_repo_root / "policies" / "__init__.py").exists():
+    __path__.append(str(_repo_root))  # type: ignore[name-defined]
+
+from eesim.errors import EesimError  # noqa: E402
+from eesim.hardware import HARDWARE_PRESETS, HardwareSpec  # noqa: E402
+from eesim.model_spec import MODEL_PRESETS, ModelSpec  # noqa: E402
+
+__all__ = ["EesimError", "HardwareSpec", "HARDWARE_PRESETS", "ModelSpec", "MODEL_PRESETS"]

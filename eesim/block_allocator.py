@@ -1,0 +1,55 @@
+"""Paged KV blocks: a fixed pool of equal blocks, each holding ``block_size`` positions of every layer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eesim.errors import require
+
+FREE = -1
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        require(num_blocks > 0, f"num_blocks must be positive, got {num_blocks}")
+        require(block_size > 0, f"block_size must be positive, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # LIFO free list: a freed block is reused first, which keeps the GPU cache's working set warm.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._owner = np.full(num_blocks, FREE, dtype=np.int64)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_positions: int) -> int:
+        return -(-num_positions // self.block_size)
+
+    def can_allocate(self, count: int) -> bool:
+        return count <= len(self._free)
+
+    def allocate(self, owner: int, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"allocator: {count} blocks asked for, {len(self._free)} free")
+        taken = self._free[len(self._free) - count:][::-1]
+        del self._free[len(self._free) - count:]
+        self._owner[taken] = owner
+        return taken
+
+    def free(self, owner: int, blocks: list[int]) -> None:
+        owners = self._owner[blocks]
+        if (owners != owner).any():
+            block = blocks[int(np.argmax(owners != owner))]
+            raise RuntimeError(f"allocator: block {block} freed by {owner}, which does not own it")
+        self._owner[blocks] = FREE
+        self._free.extend(blocks)
+
+    def owners(self) -> dict[int, int]:
+        """Block -> owning sequence id, for invariant checks."""
+        used = np.flatnonzero(self._owner != FREE)
+        return dict(zip(used.tolist(), self._owner[used].tolist()))

@@ -1,0 +1,72 @@
+"""Iteration time from the work done: the interface, and an analytical roofline model.
+
+The analytical model prices each segment of layers between exits as a roofline: the larger of its
+bytes over the achieved read bandwidth and its FLOPs over the achieved matrix rate. Bytes are the
+weights of the layers run (only the K/V projections of a layer that only had K/V projected), the
+KV read by attention and the KV written; FLOPs are the matrix products of every row plus attention.
+Exit heads are priced the same way; each exit decision adds a host synchronisation and each
+iteration a fixed overhead (HardwareSpec). A profile-backed model comes with the profiler.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from eesim.hardware import HardwareSpec
+from eesim.model_spec import ModelSpec
+from eesim.plan import IterationWork
+
+
+class CostModel(Protocol):
+    def iteration_time(self, work: IterationWork) -> np.ndarray:
+        """Seconds for each step of the work, shape (T,)."""
+
+    def breakdown(self, work: IterationWork) -> dict[str, float]:
+        """Seconds per named component, summed over the work's steps."""
+
+
+class AnalyticalCostModel:
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.bandwidth = hardware.read_bandwidth * hardware.bandwidth_fraction
+        self.flop_rate = hardware.peak_flops * hardware.flops_fraction
+        self.layers = np.asarray(model.segment_layers, dtype=np.float64)
+        self.layer_bytes = float(model.weight_bytes_per_layer)
+        self.kv_proj_bytes = float(model.kv_proj_weight_bytes_per_layer)
+        self.kv_token_bytes = float(model.kv_bytes_per_token_per_layer)
+        self.layer_flops_per_row = 2.0 * model.params_per_layer
+        self.kv_proj_flops_per_row = 2.0 * model.kv_proj_params_per_layer
+        self.attn_flops_per_position = 4.0 * model.q_dim
+        self.head_seconds = model.head_weight_bytes / self.bandwidth
+        self.head_row_seconds = 2.0 * model.head_params / self.flop_rate
+        self.fixed = hardware.iteration_overhead_s
+        self.sync = hardware.exit_sync_s
+
+    def _segment_times(self, work: IterationWork) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds per (step, segment) and per (step, exit head)."""
+        full, proj = work.full_rows, work.proj_rows
+        weights = np.where(full > 0, self.layer_bytes, np.where(proj > 0, self.kv_proj_bytes, 0.0))
+        memory = (weights + (work.kv_read + full + proj) * self.kv_token_bytes) / self.bandwidth
+        compute = (full * self.layer_flops_per_row + proj * self.kv_proj_flops_per_row
+                   + work.attn_context * self.attn_flops_per_position) / self.flop_rate
+        segment = self.layers * np.maximum(memory, compute)
+        logit_rows = work.logit_rows
+        heads = np.maximum(self.head_seconds * (logit_rows > 0), logit_rows * self.head_row_seconds)
+        return segment, heads
+
+    def iteration_time(self, work: IterationWork) -> np.ndarray:
+        segment, heads = self._segment_times(work)
+        return segment.sum(axis=1) + heads.sum(axis=1) + (self.fixed + work.syncs * self.sync)
+
+    def breakdown(self, work: IterationWork) -> dict[str, float]:
+        segment, heads = self._segment_times(work)
+        segment = segment.sum(axis=0)
+        bounds = self.model.segment_bounds
+        parts = {f"layers {lo + 1}-{hi}": float(t) for lo, hi, t in zip(bounds[:-1], bounds[1:], segment) if t > 0}
+        parts["exit heads"] = float(heads.sum())
+        parts["exit syncs"] = float(work.syncs.sum()) * self.sync
+        parts["fixed overhead"] = self.fixed * len(work.syncs)
+        return parts

@@ -1,0 +1,150 @@
+"""Per-request, per-iteration and per-run metrics of a simulated (or executed) serving run.
+
+Columns of ``SimResult.requests``: request_id, replica-independent timings in seconds (arrival,
+first_scheduled, first_token, finish), queueing_delay (first scheduled - arrival), ttft (first token -
+arrival), e2e (finish - arrival), tpot (time per output token after the first), itl_mean / itl_max,
+prompt_len, output_len, mean_layers (layers run per generated token), early_exits, forced_exits,
+agreement (share of tokens equal to the full model's), preemptions.
+
+Columns of ``SimResult.iterations``: ITERATION_COLUMNS below.
+
+``SimResult.summary`` (one row per run): throughput (output tokens/s, requests/s over the makespan),
+TTFT / inter-token latency (ITL, pooled over all token gaps) / TPOT / e2e / queueing mean and
+percentiles p50 p90 p99, preemptions, KV utilisation mean and peak, mean layers per token, early and
+forced (involuntary) exit shares, quality (share of emitted tokens equal to the full model's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from eesim.model_spec import ModelSpec
+from eesim.request import Sequence
+
+ITERATION_COLUMNS = (
+    "replica", "iteration", "start", "end", "batch_size", "prefill_tokens", "decode_rows", "early_exits",
+    "forced_exits", "batch_reach", "proj_rows", "recompute_rows", "syncs", "preempted", "kv_utilisation",
+    "owed_positions")
+PERCENTILES = (50, 90, 99)
+
+
+class IterationLog:
+    """Per-iteration records, appended once per executed plan (a plan may cover several steps)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple] = []
+
+    def add(self, replica: int, first_index: int, start: float, step_ends: list[float], batch_size: int,
+            batched_tokens: int, decode_rows: int, early_exits: np.ndarray, forced_exits: np.ndarray, work,
+            preempted: int, blocks_used: list[int], num_blocks: int, owed_positions: int) -> None:
+        self._entries.append((replica, first_index, start, step_ends, batch_size, batched_tokens, decode_rows,
+                              early_exits, forced_exits, work, preempted, list(blocks_used), num_blocks,
+                              owed_positions))
+
+    def frame(self) -> pd.DataFrame:
+        if not self._entries:
+            return pd.DataFrame(columns=list(ITERATION_COLUMNS))
+        (replica, first, start, ends, batch, tokens, decode, early, forced, works, preempted, used, blocks,
+         owed) = zip(*self._entries)
+        steps = np.fromiter((len(e) for e in ends), dtype=np.int64, count=len(ends))
+        offset = np.arange(steps.sum()) - np.repeat(np.cumsum(steps) - steps, steps)  # step within its plan
+        end = np.concatenate([np.asarray(e, dtype=np.float64) for e in ends])
+        begin = end.copy()
+        begin[1:] = end[:-1]
+        begin[offset == 0] = start  # the first step of a plan starts when the plan started
+        decode = np.repeat(decode, steps)
+
+        def per_step(name: str) -> np.ndarray:
+            return np.concatenate([getattr(w, name) for w in works])
+
+        return pd.DataFrame({
+            "replica": np.repeat(replica, steps), "iteration": np.repeat(first, steps) + offset,
+            "start": begin, "end": end, "batch_size": np.repeat(batch, steps),
+            "prefill_tokens": np.repeat(tokens, steps) - decode, "decode_rows": decode,
+            "early_exits": np.concatenate(early), "forced_exits": np.concatenate(forced),
+            "batch_reach": per_step("batch_reach"), "proj_rows": per_step("proj_rows").sum(axis=1),
+            "recompute_rows": per_step("recompute_rows").sum(axis=1), "syncs": per_step("syncs"),
+            "preempted": np.where(offset == 0, np.repeat(preempted, steps), 0),
+            "kv_utilisation": np.concatenate(used) / np.repeat(blocks, steps),
+            "owed_positions": np.repeat(owed, steps),
+        })
+
+
+@dataclass
+class SimResult:
+    requests: pd.DataFrame
+    iterations: pd.DataFrame
+    summary: pd.Series
+    labels: dict
+    work_logs: dict = field(default_factory=dict, repr=False)
+    cost_model: object = field(default=None, repr=False)
+
+
+def _request_frame(sequences: list[Sequence]) -> tuple[pd.DataFrame, np.ndarray]:
+    rows = []
+    gaps: list[np.ndarray] = []
+    for seq in sequences:
+        req = seq.request
+        times = np.asarray(seq.token_times)
+        itl = np.diff(times)
+        gaps.append(itl)
+        n = len(times)
+        rows.append((
+            req.request_id, req.arrival_time, seq.first_scheduled_time, times[0] if n else np.nan,
+            times[-1] if n else np.nan, req.prompt_len, n,
+            float(np.mean(seq.exit_layers)) if n else np.nan,
+            int(sum(1 for f in seq.forced if f)), float(np.mean(seq.agrees)) if n else np.nan,
+            seq.num_preemptions, float(itl.mean()) if len(itl) else np.nan, float(itl.max()) if len(itl) else np.nan))
+    frame = pd.DataFrame(rows, columns=[
+        "request_id", "arrival", "first_scheduled", "first_token", "finish", "prompt_len", "output_len",
+        "mean_layers", "forced_exits", "agreement", "preemptions", "itl_mean", "itl_max"])
+    frame["queueing_delay"] = frame["first_scheduled"] - frame["arrival"]
+    frame["ttft"] = frame["first_token"] - frame["arrival"]
+    frame["e2e"] = frame["finish"] - frame["arrival"]
+    frame["tpot"] = (frame["finish"] - frame["first_token"]) / (frame["output_len"] - 1).where(frame["output_len"] > 1)
+    pooled = np.concatenate(gaps) if gaps else np.empty(0)
+    return frame, pooled
+
+
+def _describe(prefix: str, values: np.ndarray, out: dict) -> None:
+    values = values[~np.isnan(values)]
+    out[f"{prefix}_mean"] = float(values.mean()) if len(values) else np.nan
+    for p in PERCENTILES:
+        out[f"{prefix}_p{p}"] = float(np.percentile(values, p)) if len(values) else np.nan
+
+
+def build_result(sequences: list[Sequence], iterations: pd.DataFrame, model: ModelSpec, labels: dict,
+                 work_logs: dict | None = None, cost_model: object = None) -> SimResult:
+    requests, itl = _request_frame(sequences)
+    iterations = iterations.sort_values(["start", "replica"], kind="stable", ignore_index=True)
+    exit_layers = np.concatenate([np.asarray(s.exit_layers, dtype=float) for s in sequences]) \
+        if sequences else np.empty(0)
+    agrees = np.concatenate([np.asarray(s.agrees, dtype=bool) for s in sequences]) if sequences else np.empty(0)
+    tokens = len(exit_layers)
+    makespan = float(requests["finish"].max() - requests["arrival"].min()) if len(requests) else 0.0
+    busy = float((iterations["end"] - iterations["start"]).sum()) if len(iterations) else 0.0
+    out: dict = {k: v for k, v in labels.items() if k != "exit_layers"}
+    out.update({
+        "requests": len(requests), "output_tokens": tokens, "makespan_s": makespan,
+        "throughput_tok_s": tokens / makespan if makespan > 0 else np.nan,
+        "throughput_req_s": len(requests) / makespan if makespan > 0 else np.nan,
+        "iterations": len(iterations), "busy_share": busy / (makespan * labels.get("replicas", 1)) if makespan else np.nan,
+    })
+    _describe("ttft", requests["ttft"].to_numpy(), out)
+    _describe("itl", itl, out)
+    _describe("tpot", requests["tpot"].to_numpy(dtype=float), out)
+    _describe("e2e", requests["e2e"].to_numpy(), out)
+    _describe("queueing", requests["queueing_delay"].to_numpy(), out)
+    out["preemptions"] = int(requests["preemptions"].sum())
+    out["kv_util_mean"] = float(iterations["kv_utilisation"].mean()) if len(iterations) else np.nan
+    out["kv_util_peak"] = float(iterations["kv_utilisation"].max()) if len(iterations) else np.nan
+    out["mean_layers"] = float(exit_layers.mean()) if tokens else np.nan
+    out["layers_share"] = out["mean_layers"] / model.num_layers
+    out["early_exit_share"] = float((exit_layers < model.num_layers).mean()) if tokens else np.nan
+    out["forced_exits"] = int(requests["forced_exits"].sum())
+    out["forced_share"] = out["forced_exits"] / tokens if tokens else np.nan
+    out["quality"] = float(agrees.mean()) if tokens else np.nan
+    return SimResult(requests, iterations, pd.Series(out), labels, work_logs or {}, cost_model)

@@ -1,0 +1,223 @@
+"""Iteration-level continuous batching over a paged KV cache (in the manner of vLLM's v1 scheduler).
+
+Each iteration: running sequences first, oldest first (a decode step, or the next prefill chunk),
+then waiting ones in arrival order while the token budget, the sequence cap and the free blocks
+allow. When a running sequence needs a block and none is free, the most recently admitted one is
+preempted: its blocks are freed and it is recomputed from scratch later (prompt and generated
+tokens, as one prefill). ``schedule`` writes the plan; ``update`` applies an executor's outcome.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from eesim.block_allocator import BlockAllocator
+from eesim.errors import EesimError, require
+from eesim.kv_ledger import KVLedger
+from eesim.kv_policy import KVPolicy
+from eesim.model_spec import ModelSpec
+from eesim.plan import IterationOutcome, IterationPlan
+from eesim.request import Sequence, Status
+from eesim.work import settle_target
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_blocks: int = 0  # 0: as many as the hardware's memory holds (see HardwareSpec.kv_blocks)
+
+    def __post_init__(self) -> None:
+        require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        require(self.max_num_batched_tokens > 0,
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        require(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+        require(self.num_blocks >= 0, f"num_blocks must be non-negative, got {self.num_blocks}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, model: ModelSpec, policy: KVPolicy, num_blocks: int) -> None:
+        self.config = config
+        self.model = model
+        self.policy = policy
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.ledger = KVLedger(model.num_layers, policy)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_iterations = 0
+        self.num_preemptions = 0
+        self._exit_layer_array = np.asarray(model.all_exits)
+        self.blocks_used: list[int] = []
+
+    # ---- intake -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        req = seq.request
+        total = req.prompt_len + req.output_len
+        if total > self.model.max_context:
+            raise EesimError(f"request {req.request_id}: prompt {req.prompt_len} + output {req.output_len} "
+                             f"tokens exceed the model's context of {self.model.max_context}")
+        if self.allocator.blocks_for(total) > self.allocator.num_blocks:
+            raise EesimError(f"request {req.request_id} needs {total} tokens of KV, more than the whole cache "
+                             f"({self.allocator.num_blocks} blocks of {self.config.block_size})")
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- plan ---------------------------------------------------------------------------------------
+    def schedule(self, now: float = 0.0, max_steps: int = 1) -> IterationPlan:
+        """Plan the next iteration. With ``max_steps`` > 1 the plan may cover a run of identical
+        decode steps (see ``_run_length``); the caller may apply fewer of them."""
+        budget = self.config.max_num_batched_tokens
+        rows: list[tuple[Sequence, int]] = []
+        preempted: list[int] = []
+
+        # Running sequences keep their places; a block shortage evicts the newest admitted ones.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(seq.remaining_to_compute, budget)
+            need = self.allocator.blocks_for(seq.num_computed + count) - len(seq.blocks)
+            while need > self.allocator.num_free and self.running[-1] is not seq:
+                preempted.append(self._preempt(self.running.pop()))
+            if need > self.allocator.num_free:
+                preempted.append(self._preempt(self.running.pop()))  # the sequence itself
+                break
+            if need > 0:
+                seq.blocks.extend(self.allocator.allocate(seq.seq_id, need))
+            rows.append((seq, count))
+            budget -= count
+            index += 1
+
+        # Admit waiting sequences in arrival order; none jumps a blocked one, and none while evicting.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            count = min(seq.remaining_to_compute, budget)
+            need = self.allocator.blocks_for(seq.num_computed + count)
+            if need > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(seq.seq_id, need)
+            seq.status = Status.RUNNING
+            if seq.first_scheduled_time < 0:
+                seq.first_scheduled_time = now
+            self.ledger.add(seq.seq_id, seq.request.prompt_len + seq.request.output_len)
+            self.running.append(seq)
+            rows.append((seq, count))
+            budget -= count
+
+        seqs = [seq for seq, _ in rows]
+        # One (4, B) table, built from Python ints in one go: num_new, start, total_len, generated.
+        table = np.array([[count for _, count in rows], [seq.num_computed for seq in seqs],
+                          [seq.total_len for seq in seqs], [seq.num_generated for seq in seqs]],
+                         dtype=np.int64).reshape(4, len(rows))
+        num_new, start, total, generated = table
+        emits = start + num_new == total
+        can_exit = emits & (num_new == 1) & (generated > 0)
+        owed_now = self.ledger._owed
+        owed = [self.ledger.owed(seq.seq_id) if owed_now[seq.seq_id] else [] for seq in seqs]
+        plan = IterationPlan(self.num_iterations, seqs, num_new, start, can_exit, emits, owed, generated,
+                             preempted)
+        if max_steps > 1 and not preempted and len(seqs) == len(self.running) and can_exit.all() \
+                and self.policy.settle == "iteration_end":
+            plan.steps = self._run_length(plan, max_steps)
+        self.num_iterations += 1
+        return plan
+
+    def _run_length(self, plan: IterationPlan, max_steps: int) -> int:
+        """How many identical decode steps follow: none of them can admit, preempt, finish a sequence
+        before the last, or find a block missing. Only for KV policies that leave no debt across
+        iterations; the others step one iteration at a time."""
+        if self.waiting and len(self.running) < self.config.max_num_seqs \
+                and len(plan.seqs) < self.config.max_num_batched_tokens:
+            head = self.waiting[0]
+            room = self.config.max_num_batched_tokens - len(plan.seqs)
+            if self.allocator.blocks_for(head.num_computed + min(head.remaining_to_compute, room)) \
+                    <= self.allocator.num_free:
+                return 1  # the queue head could be admitted at the next step
+        remaining = min(seq.request.output_len - seq.num_generated for seq in plan.seqs)
+        steps = min(max_steps, remaining)
+        if steps > 1:
+            # Step t >= 1 writes position start + t: a new block whenever that crosses a boundary.
+            positions = plan.start[None, :] + np.arange(1, steps)[:, None]
+            new_blocks = np.cumsum((positions % self.config.block_size == 0).sum(axis=1))
+            steps = 1 + int(np.searchsorted(new_blocks, self.allocator.num_free, side="right"))
+            steps = min(steps, min(max_steps, remaining))
+        return steps
+
+    def _preempt(self, seq: Sequence) -> int:
+        self.allocator.free(seq.seq_id, seq.blocks)
+        seq.blocks = []
+        self.ledger.drop(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        return seq.seq_id
+
+    # ---- update -------------------------------------------------------------------------------------
+    def update(self, plan: IterationPlan, outcome: IterationOutcome, step_ends: list[float]) -> list[Sequence]:
+        """Apply the executed steps (``outcome.steps`` <= ``plan.steps``), ending at ``step_ends``;
+        returns the sequences that finished. Records blocks in use after each step in ``blocks_used``."""
+        steps = outcome.steps
+        exit_layers = self._exit_layer_array[outcome.exit_index]  # (T, B) layers each row ran
+        num_layers = self.model.num_layers
+        ledger, allocator = self.ledger, self.allocator
+        self.blocks_used = [allocator.num_used] * steps
+        if steps > 1:
+            self._allocate_run_blocks(plan, steps)
+        batch_layer = int(self._exit_layer_array[outcome.work.batch_reach[0]])
+        finished: list[Sequence] = []
+        settles_now = self.policy.settle == "iteration_end"
+        per_row = zip(exit_layers.T.tolist(), outcome.agrees.T.tolist(), outcome.forced.T.tolist(),
+                      outcome.tokens.T.tolist())
+        rows = zip(plan.seqs, plan.start.tolist(), plan.num_new.tolist(), plan.emits.tolist(), per_row)
+        for seq, start, count, emits, (layers, agrees, forced, tokens) in rows:
+            if steps > 1:
+                count = steps  # a run computes one position per step
+            if settles_now:
+                ledger.record(seq.seq_id, start, count, num_layers)  # early exits settled this iteration
+            else:
+                own_layer = layers[0]
+                ledger.record(seq.seq_id, start, count, own_layer)
+                if ledger.num_owed(seq.seq_id):
+                    ledger.settle(seq.seq_id, settle_target(self.policy, own_layer, batch_layer, num_layers))
+            seq.num_computed = start + count
+            if emits:
+                seq.num_generated += steps
+                seq.token_times.extend(step_ends)
+                seq.exit_layers.extend(layers)
+                seq.agrees.extend(agrees)
+                seq.forced.extend(forced)
+                seq.output_tokens.extend(tokens)
+                if seq.num_generated >= seq.request.output_len:
+                    finished.append(seq)
+        for seq in finished:
+            seq.status = Status.FINISHED
+            allocator.free(seq.seq_id, seq.blocks)
+            seq.blocks = []
+            ledger.drop(seq.seq_id)
+        if finished:
+            self.running = [seq for seq in self.running if seq.status is Status.RUNNING]
+        self.blocks_used[-1] = allocator.num_used
+        self.num_iterations += steps - 1
+        return finished
+
+    def _allocate_run_blocks(self, plan: IterationPlan, steps: int) -> None:
+        """Blocks for steps 1.. of a run, in the order step-by-step scheduling would take them."""
+        crossing = (plan.start[None, :] + np.arange(1, steps)[:, None]) % self.config.block_size == 0
+        new_blocks = crossing.sum(axis=1).tolist()
+        for t, row in np.argwhere(crossing).tolist():  # step-major, then row order
+            seq = plan.seqs[row]
+            seq.blocks.extend(self.allocator.allocate(seq.seq_id, 1))
+        used = self.blocks_used[0]
+        for t, count in enumerate(new_blocks, start=1):
+            used += count
+            self.blocks_used[t] = used

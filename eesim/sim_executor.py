@@ -1,0 +1,63 @@
+"""The simulator's executor: exit decisions from a recorded exit trace, time from a cost model.
+
+Each request is assigned one recorded generation of the trace (the simulator draws the assignment
+from its seed, the same for every policy, so policies are compared on the same tokens); its k-th
+generated token replays that generation's k-th token (wrapping around a shorter one). Whether a
+row is confident at an exit is the measure's trace column against the threshold at that token index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eesim.cost_model import CostModel
+from eesim.errors import EesimError
+from eesim.exit_trace import ExitTrace
+from eesim.kv_policy import KVPolicy
+from eesim.model_spec import ModelSpec
+from eesim.plan import IterationOutcome, IterationPlan
+from eesim.policies.base import ExitRule, Measure
+from eesim.policies.thresholds import Threshold
+from eesim.request import Sequence
+from eesim.work import WorkCounter
+
+
+class SimExecutor:
+    def __init__(self, model: ModelSpec, rule: ExitRule, policy: KVPolicy, measure: Measure,
+                 threshold: Threshold, trace: ExitTrace, cost_model: CostModel) -> None:
+        model_fractions = np.asarray(model.all_exits) / model.num_layers
+        if trace.num_exits != model.num_exits or not np.allclose(trace.exit_fractions, model_fractions):
+            raise EesimError(
+                f"exit trace has exits {list(trace.exit_layers)} of {trace.num_layers} layers but model "
+                f"{model.name!r} has {list(model.all_exits)} of {model.num_layers}; give the model the trace's "
+                f"exits (ModelSpec.with_exits(trace.remap_to(num_layers)[:-1]))")
+        self.model = model
+        self.rule = rule
+        self.measure = measure
+        self.threshold = threshold
+        self.trace = trace
+        self.cost_model = cost_model
+        self.counter = WorkCounter(model, policy, rule, measure.needs_logits)
+        self._column = trace.agrees if measure.column == "agrees" else trace.values[measure.column]
+        self._num_checks = model.num_segments - 1
+
+    def prepare(self, seq: Sequence, trace_sequence: int) -> None:
+        """Bind a request to recorded generation ``trace_sequence`` of the trace."""
+        offsets = self.trace.seq_offsets
+        seq.trace_offset = int(offsets[trace_sequence])
+        seq.trace_len = int(offsets[trace_sequence + 1] - offsets[trace_sequence])
+
+    def execute(self, plan: IterationPlan) -> IterationOutcome:
+        seqs, steps = plan.seqs, plan.steps
+        bound = np.array([(seq.trace_offset, seq.trace_len) for seq in seqs], dtype=np.int64).reshape(-1, 2)
+        token = plan.token_index[None, :] + np.arange(steps)[:, None]  # (T, B) generated-token index
+        rows = bound[:, 0] + token % np.maximum(bound[:, 1], 1)  # (T, B) trace rows, wrapping around
+        values = self._column[rows, :-1]  # (T, B, K) at the intermediate exits
+        if values.dtype != bool:
+            values = self.measure.confident(values, self.threshold.at(token, self.measure)[:, :, None])
+        confident = values & plan.can_exit[None, :, None]
+        exit_index, forced = self.rule.decide_all(confident, plan.can_exit)
+        agrees = self.trace.agrees[rows, exit_index] | ~plan.emits
+        tokens = np.where(plan.emits, self.trace.argmax[rows, exit_index], -1)
+        work = self.counter.count(plan, exit_index)
+        return IterationOutcome(self.cost_model.iteration_time(work), exit_index, forced, agrees, tokens, work)

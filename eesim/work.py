@@ -1,0 +1,107 @@
+"""From a plan and its exit decisions to the work done, per segment: shared by both executors.
+
+The simulator prices this work; the GPU executor carries it out and reports it. The KV policy's
+settle rule (kv_policy.py) fixes how deep each owed position is brought in this pass; the scheduler
+applies the very same targets to the ledger (``settle_target``), so the work counted and the
+bookkeeping cannot disagree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eesim.kv_policy import KVPolicy
+from eesim.model_spec import ModelSpec
+from eesim.plan import IterationPlan, IterationWork
+from eesim.policies.base import ExitRule
+
+# Query rows per attention tile in a prefill chunk: each tile streams the chunk's context once.
+QUERY_TILE = 128
+
+
+def settle_target(policy: KVPolicy, own_reach: int, batch_reach: int, num_layers: int) -> int:
+    """Depth (in layers) to which a sequence's owed positions are brought by the end of this pass."""
+    if policy.settle == "iteration_end":
+        return num_layers
+    if policy.settle == "batch_pass":
+        return batch_reach
+    return own_reach
+
+
+class WorkCounter:
+    """Counts an iteration's work for one model shape, exit rule and KV policy."""
+
+    def __init__(self, model: ModelSpec, policy: KVPolicy, rule: ExitRule, needs_logits: bool) -> None:
+        self.model = model
+        self.policy = policy
+        self.checks = rule.checks_confidence
+        self.needs_logits = needs_logits
+        self.num_segments = model.num_segments
+        self.segment_ids = np.arange(model.num_segments)
+        self.exit_layers = model.all_exits
+        self.segment_of_depth = {depth: i for i, depth in enumerate(model.segment_bounds)}
+
+    def count(self, plan: IterationPlan, exit_index: np.ndarray) -> IterationWork:
+        """Work of each of the plan's steps, given the exit index of every row in every step (T, B)."""
+        steps, num_rows = exit_index.shape
+        segs = self.num_segments
+        num_new = plan.num_new
+        start = plan.start + np.arange(steps)[:, None]  # (T, B): step t computes position start + t
+        # A row with exit index k ran segments 0..k: one (T, B, S) mask turns every per-row quantity
+        # into per-segment sums with a single batched product.
+        reaches = (exit_index[:, :, None] >= self.segment_ids).astype(np.float64)
+        per_row = np.empty((steps, 6, num_rows))
+        per_row[:, 0] = num_new
+        per_row[:, 1] = num_new * start + num_new * (num_new + 1) // 2  # positions attended (causal chunk)
+        per_row[:, 2] = (start + num_new) * (-(-num_new // QUERY_TILE))  # positions read from the cache
+        per_row[:, 3] = plan.can_exit
+        per_row[:, 4] = plan.emits
+        per_row[:, 5] = (start + 1) * plan.can_exit  # context of a decode row, if it must be re-run
+        sums = per_row @ reaches
+        full_rows, attn, kv_read, checked, emitted, decode_context = (sums[:, i] for i in range(6))
+        batch_reach = exit_index.max(axis=1)
+        owed_rows = np.zeros((steps, segs))
+        owed_context = np.zeros((steps, segs))
+        if self.policy.settle == "iteration_end":
+            # Nothing is owed across iterations: this pass settles its own early exits. A decode row
+            # that exited at exit k is owed every segment after k, i.e. every segment it did not reach.
+            owed_rows = per_row[:, 3].sum(axis=1, keepdims=True) - checked
+            if self.policy.work == "full_layers":
+                owed_context = per_row[:, 5].sum(axis=1, keepdims=True) - decode_context
+        elif any(plan.owed) or ((exit_index < segs - 1) & plan.can_exit).any():
+            assert steps == 1, "debts carried across iterations are counted one step at a time"
+            self._count_settlement(plan, exit_index[0], int(batch_reach[0]), owed_rows[0], owed_context[0])
+        check_rows = checked if self.checks else checked * 0.0
+        check_rows[:, -1] = 0.0  # the last layer is not a check: every row still running stops there
+        logit_rows = emitted.copy()
+        logit_rows[:, :-1] -= emitted[:, 1:]  # rows emitting at exactly that exit
+        if self.needs_logits and self.checks:
+            # checked rows that ran on still paid for that exit's logits
+            logit_rows = np.maximum(logit_rows, check_rows)
+        if self.policy.work == "full_layers":
+            proj, recompute = np.zeros((steps, segs)), owed_rows
+            full_rows, attn, kv_read = full_rows + recompute, attn + owed_context, kv_read + owed_context
+        else:
+            proj, recompute = owed_rows, np.zeros((steps, segs))
+        syncs = (check_rows > 0).sum(axis=1)
+        return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach)
+
+    def _count_settlement(self, plan: IterationPlan, exit_index: np.ndarray, batch_reach: int,
+                          rows: np.ndarray, context: np.ndarray) -> None:
+        """Debts settled in a one-step pass (policies that carry them across iterations)."""
+        layers = self.exit_layers
+        num_layers = self.model.num_layers
+        seg_of = self.segment_of_depth
+        batch_layer = layers[batch_reach]
+        for row, owed in enumerate(plan.owed):
+            own_layer = layers[exit_index[row]]
+            target = settle_target(self.policy, own_layer, batch_layer, num_layers)
+            pending = owed
+            if plan.can_exit[row] and own_layer < num_layers:
+                # this pass's own token exited early: it is owed the rest from now on
+                pending = [*owed, (int(plan.start[row]), own_layer)]
+            for position, depth in pending:
+                if depth < target:
+                    lo, hi = seg_of[depth], seg_of[target]
+                    rows[lo:hi] += 1
+                    context[lo:hi] += position + 1

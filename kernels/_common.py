@@ -1,0 +1,73 @@
+"""Shared plumbing for the kernels: optional Triton import and backend dispatch.
+
+Triton is optional so that the simulator (and every kernel's torch reference) runs on machines
+without it. When it is missing, ``triton.jit`` becomes the identity and ``tl.constexpr`` a
+placeholder, so kernel modules still import; only calling a Triton path then fails.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on Triton-less installs
+    HAVE_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=None)
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
+    """Decide between the Triton kernel and the torch reference.
+
+    ``auto`` (the default) picks Triton for CUDA tensors, or for CPU tensors when the Triton
+    interpreter is on; ``torch`` always uses the reference; ``triton`` forces the kernel.
+    """
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if not HAVE_TRITON:
+        if backend == "triton":
+            raise RuntimeError("backend='triton' requested but triton is not installed")
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "triton":
+        if not (on_cuda or interpreting()):
+            raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+        return True
+    return on_cuda or interpreting()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def ieee_dot(dtype: torch.dtype) -> bool:
+    """Whether kernels should upcast dot operands to fp32 and ask for IEEE precision.
+
+    fp32 inputs would otherwise go through TF32 tensor cores on Ampere+ (10-bit mantissa), which
+    breaks fp32-vs-reference comparisons. Under the interpreter, tl.dot on bf16 operands returns
+    garbage (triton 3.9 CPU), so there bf16 operands are upcast too (after any rounding to bf16,
+    so the numerics still match the GPU's bf16 tensor-core path).
+    """
+    return dtype == torch.float32 or interpreting()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM; only used to make the CPU/interpreter heuristics mirror the GPU

@@ -1,0 +1,221 @@
+"""Decode attention (one query token per sequence) over the paged KV cache, for one layer.
+
+Cache layer layout: ``(num_blocks, block_size, num_kv_heads, head_dim)``; token ``p`` of sequence
+``b`` lives at ``[block_tables[b, p // block_size], p % block_size]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import ieee_dot, next_pow2, num_sms, tl, triton, use_triton
+
+DEFAULT_PARTITION = 512
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, m_ptr, l_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_btb,
+    stride_ob, stride_oh, stride_op,
+    stride_mb, stride_mh,
+    partition_size, sm_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    # One program = one (sequence, KV head, context partition). All GROUP query heads sharing the
+    # KV head ride along as the M dimension of the dots, so each K/V row is read from HBM once.
+    # BLOCK_G is padded to >= 16 because tl.dot needs M >= 16 on tensor cores.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    ctx = tl.load(ctx_ptr + b)
+    start = part * partition_size
+    end = tl.minimum(start + partition_size, ctx)
+
+    # Finite "minus infinity" keeps exp2(m_old - m_new) NaN-free when a tile is fully masked.
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        mask_n = pos < end
+        # Per-token block lookup: BLOCK_N may span several pages, and each row of head_dim is
+        # contiguous, so the gather stays coalesced along head_dim. int64: caches exceed 2**31.
+        blk = tl.load(bt_ptr + b * stride_btb + pos // PAGE, mask=mask_n, other=0).to(tl.int64)
+        slot = pos % PAGE
+        kv_mask = mask_n[None, :] & mask_d[:, None]
+        # K is loaded already transposed (head_dim x tokens) to feed the dot directly.
+        kt = tl.load(k_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks
+                     + kvh * stride_kh + offs_d[:, None], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(mask_n[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs
+                    + kvh * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                                   input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if SPLIT:
+        # Unnormalised partials in fp32; the reduce kernel rescales them by exp2(m - m_max).
+        o = out_ptr + b * stride_ob + heads[:, None] * stride_oh + part * stride_op + offs_d[None, :]
+        tl.store(o, acc, mask=out_mask)
+        ml = b * stride_mb + heads * stride_mh + part
+        tl.store(m_ptr + ml, m_i, mask=mask_g)
+        tl.store(l_ptr + ml, l_i, mask=mask_g)
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context -> zeros, not NaN
+        o = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    acc_ptr, m_ptr, l_ptr, ctx_ptr, out_ptr,
+    stride_ab, stride_ah, stride_ap, stride_mb, stride_mh, stride_ob, stride_oh,
+    partition_size,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, query head): all partitions' partials fit in one tile, so the
+    # combine is a single masked load + weighted sum (partials are small and L2-resident).
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    n_parts = (ctx + partition_size - 1) // partition_size
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_p = offs_p < n_parts
+    mask_d = offs_d < HEAD_DIM
+    ml = b * stride_mb + h * stride_mh + offs_p
+    m = tl.load(m_ptr + ml, mask=mask_p, other=float("-inf"))
+    l = tl.load(l_ptr + ml, mask=mask_p, other=0.0)
+    m_max = tl.maximum(tl.max(m, 0), -1.0e30)
+    w = tl.where(mask_p, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(acc_ptr + b * stride_ab + h * stride_ah + offs_p[:, None] * stride_ap
+                  + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+def paged_decode_attention_ref(q, k_cache_layer, v_cache_layer, block_tables, context_lens,
+                               scale=None):
+    """Plain torch: gather each sequence's K/V, softmax in fp32. Empty context -> zeros."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache_layer.shape[1], k_cache_layer.shape[2]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.zeros(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        blocks = block_tables[b, pos // block_size].long()
+        k = k_cache_layer[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+        v = v_cache_layer[blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+    return out.to(q.dtype)
+
+
+def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, context_lens,
+                           scale=None, partition_size=None, *, split=None, out=None,
+                           backend=None):
+    """Decode attention for ``q (batch, num_heads, head_dim)``; returns the same shape and dtype.
+
+    ``split=None`` picks split-K (flash-decoding) when the context bound spans more than one
+    partition and ``batch * num_kv_heads`` alone would not fill the GPU's SMs. The context bound is
+    ``block_tables.shape[1] * block_size`` (no device sync), so trim block_tables to the batch's
+    longest sequence. ``partition_size`` (default 512, a multiple of 16) sets the split length.
+    ``out`` (optional, same shape/dtype as q) receives the result.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, hd = k_cache_layer.shape
+    if hd != head_dim or v_cache_layer.shape != k_cache_layer.shape:
+        raise ValueError("q / k_cache / v_cache head_dim or shapes disagree")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    if not use_triton(backend, q, k_cache_layer):
+        res = paged_decode_attention_ref(q, k_cache_layer, v_cache_layer, block_tables,
+                                         context_lens, scale)
+        return res if out is None else out.copy_(res)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    group = num_heads // num_kv_heads
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables.to(torch.int32).contiguous()
+    context_lens = context_lens.to(torch.int32).contiguous()
+    assert k_cache_layer.stride(-1) == 1 and v_cache_layer.stride(-1) == 1
+
+    ctx_bound = max(1, block_tables.shape[1] * block_size)
+    psize = DEFAULT_PARTITION if partition_size is None else int(partition_size)
+    if psize <= 0 or psize % 16:
+        raise ValueError("partition_size must be a positive multiple of 16")
+    n_parts = triton.cdiv(ctx_bound, psize)
+    if split is None:
+        split = n_parts > 1 and batch * num_kv_heads < num_sms(q.device)
+    if not split:
+        psize, n_parts = triton.cdiv(ctx_bound, 16) * 16, 1
+
+    BLOCK_G = max(16, next_pow2(group))
+    BLOCK_D = next_pow2(head_dim)
+    # 64 keys per step: enough bytes in flight per program to hide HBM latency while the
+    # (BLOCK_G x BLOCK_N) score tile and two K/V tiles still fit comfortably in registers.
+    BLOCK_N = 64 if psize % 64 == 0 else (32 if psize % 32 == 0 else 16)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+    common = dict(GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=BLOCK_G,
+                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype))
+    kc, vc = k_cache_layer, v_cache_layer
+    kv_strides = (kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2))
+    scale_log2 = scale * 1.4426950408889634  # softmax via exp2
+    if not split:
+        _paged_decode_kernel[(batch, num_kv_heads, 1)](
+            q, kc, vc, block_tables, context_lens, out, out, out,
+            q.stride(0), q.stride(1), *kv_strides, block_tables.stride(0),
+            out.stride(0), out.stride(1), 0, 0, 0,
+            psize, scale_log2, SPLIT=False, **common)
+        return out
+    acc = torch.empty(batch, num_heads, n_parts, head_dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(batch, num_heads, n_parts, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _paged_decode_kernel[(batch, num_kv_heads, n_parts)](
+        q, kc, vc, block_tables, context_lens, acc, m, l,
+        q.stride(0), q.stride(1), *kv_strides, block_tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        psize, scale_log2, SPLIT=True, **common)
+    _split_reduce_kernel[(batch, num_heads)](
+        acc, m, l, context_lens, out,
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        out.stride(0), out.stride(1), psize,
+        HEAD_DIM=head_dim, BLOCK_P=max(2, next_pow2(n_parts)), BLOCK_D=BLOCK_D)
+    return out

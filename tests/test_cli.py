@@ -1,0 +1,108 @@
+"""The command line: the main job's outputs, bad input (one line, exit 2, nothing half-written), and
+the README's own-policy example, run as a user would."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eesim.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--workload", "poisson:rate=4,duration=10", "--exit-trace", "synthetic", "--quiet"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eesim.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+
+
+def test_compare_writes_table_plot_and_timeline(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compare", *SMALL, "--out", str(out), "--rules", "full,all_confident,quorum:q=0.5",
+                 "--kv-policies", "fill,copy_hidden"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["policy"]) == ["full", "all_confident + fill", "all_confident + copy_hidden",
+                                       "quorum:q=0.5 + fill", "quorum:q=0.5 + copy_hidden"]
+    assert summary.loc[0, "speedup"] == 1.0
+    assert (out / "comparison.png").stat().st_size > 10_000
+    requests = pd.read_parquet(out / "requests.parquet")
+    assert set(requests["policy"]) == set(summary["policy"])
+    events = json.loads((out / "timeline.json").read_text())["traceEvents"]
+    slices = [e for e in events if e.get("cat") == "iteration"]
+    assert slices and all({"ts", "dur", "pid", "tid", "args"} <= set(e) for e in slices)
+    assert {e["pid"] for e in slices} == set(range(5))
+    components = [e for e in events if e.get("cat") == "component"]
+    assert any(e["name"].startswith("layers") for e in components)
+    assert not list(out.glob(".*tmp")), "temporary files left behind"
+
+
+def test_simulate_one_policy(tmp_path):
+    assert main(["simulate", *SMALL, "--out", str(tmp_path), "--rule", "per_sequence", "--kv-policy",
+                 "recompute", "--measure", "entropy", "--threshold", "decay:1.5,tau=4"]) == 0
+    iterations = pd.read_parquet(tmp_path / "iterations.parquet")
+    assert iterations["recompute_rows"].sum() > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "{csv_missing}"], "no such file"),
+    (["--workload", "{csv_bad}"], ":3: column num_decode_tokens"),
+    (["--workload", "{csv_empty}"], "no requests"),
+    (["--workload", "poisson:rate=-1,duration=5"], "rate"),
+    (["--rules", "fastest"], "unknown exit rule 'fastest'"),
+    (["--kv-policies", "lazy"], "unknown KV policy 'lazy'"),
+    (["--threshold", "1.5"], "outside the domain"),
+    (["--measure", "vibes"], "unknown confidence measure"),
+    (["--memory-gb", "12"], "does not fit"),
+    (["--model", "gpt5"], "unknown model preset"),
+    (["--exit-trace", "{trace_bad}"], "exit trace"),
+    (["--replicas", "0"], "replicas must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    files = {"csv_missing": tmp_path / "nope.csv", "csv_bad": tmp_path / "bad.csv",
+             "csv_empty": tmp_path / "empty.csv", "trace_bad": tmp_path / "trace.parquet"}
+    files["csv_bad"].write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n0.5,12,abc\n")
+    files["csv_empty"].write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n")
+    files["trace_bad"].write_text("not parquet")
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    out = tmp_path / "out"
+    result = run_cli("compare", "--quiet", "--out", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eesim: error:"), result.stderr
+    assert message.lower() in lines[0].lower(), lines[0]
+    assert not out.exists(), "bad input left output behind"
+
+
+def test_unknown_option_exits_2():
+    result = run_cli("compare", "--no-such-option")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def _readme_policy_example() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own policy", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_policy_example_runs_unchanged(tmp_path, monkeypatch, llama7b):
+    import numpy as np
+
+    from eesim.policies import exit_rule
+
+    (tmp_path / "my_rules.py").write_text(_readme_policy_example())
+    # as the README runs it: the user's module on PYTHONPATH, named by its dotted path
+    result = subprocess.run([sys.executable, "-m", "eesim.cli", "simulate", *SMALL, "--out", str(tmp_path / "o"),
+                             "--rule", "my_rules.NotBefore:min_exit=3"], capture_output=True, text=True,
+                            cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    requests = pd.read_parquet(tmp_path / "o" / "requests.parquet")
+    assert len(requests) > 0
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rule = exit_rule("my_rules.NotBefore:min_exit=3")
+    exit_index, _ = rule.decide_all(np.ones((1, 4, len(llama7b.exit_layers)), bool), np.ones(4, bool))
+    assert (exit_index == 3).all()  # confident everywhere, yet nobody leaves before exit 3

@@ -1,0 +1,301 @@
+"""Triton kernels vs their torch references.
+
+By default runs on CPU under the Triton interpreter. With EESIM_KERNEL_TEST_DEVICE=cuda the same
+tests run the compiled kernels on the GPU (inputs are still generated on CPU, then moved).
+"""
+
+import math
+import os
+from pathlib import Path
+
+DEVICE = os.environ.get("EESIM_KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest
+import torch
+
+import eesim
+
+try:
+    import eesim.kernels  # noqa: F401
+except ModuleNotFoundError:
+    # eesim/__init__ only maps the top-level kernels/ folder once policies/__init__.py exists.
+    eesim.__path__.append(str(Path(__file__).resolve().parent.parent))
+
+from eesim.kernels import (  # noqa: E402
+    HAVE_TRITON,
+    apply_rotary,
+    apply_rotary_ref,
+    fused_fill,
+    fused_fill_ref,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    rmsnorm,
+    rmsnorm_ref,
+    rotary_tables,
+    store_kv,
+    store_kv_ref,
+)
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+BLOCK_SIZE = 16
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def paged_setup(batch_ctx, num_heads, num_kv_heads, head_dim, dtype, seed=0, spare_blocks=3):
+    """Random q and cache with shuffled, non-contiguous block tables padded with -1."""
+    g = gen(seed)
+    blocks_per = [max(1, math.ceil(c / BLOCK_SIZE)) for c in batch_ctx]
+    width = max(blocks_per) + 1  # one extra padding column for every sequence
+    num_blocks = sum(blocks_per) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    bt = torch.full((len(batch_ctx), width), -1, dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(blocks_per):
+        bt[b, :nb] = perm[used:used + nb]
+        used += nb
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    q = torch.randn(len(batch_ctx), num_heads, head_dim, generator=g).to(dtype)
+    kc = torch.randn(shape, generator=g).to(dtype)
+    vc = torch.randn(shape, generator=g).to(dtype)
+    ctx = torch.tensor(batch_ctx, dtype=torch.int32)
+    return tuple(t.to(DEVICE) for t in (q, kc, vc, bt, ctx))
+
+
+HEAD_CONFIGS = [(6, 2, 64), (4, 4, 128), (8, 1, 64)]
+CONTEXTS = [1, 17, 70]
+
+
+# ----------------------------------------------------------------------------------- references
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_CONFIGS)
+def test_paged_attention_ref_matches_dense_sdpa(num_heads, num_kv_heads, head_dim):
+    q, kc, vc, bt, ctx = paged_setup(CONTEXTS, num_heads, num_kv_heads, head_dim, torch.float32)
+    out = paged_decode_attention_ref(q, kc, vc, bt, ctx)
+    group = num_heads // num_kv_heads
+    for b, n in enumerate(CONTEXTS):
+        pos = torch.arange(n)
+        blocks = bt[b, pos // BLOCK_SIZE].long()
+        k = kc[blocks, pos % BLOCK_SIZE].transpose(0, 1).repeat_interleave(group, 0)  # (H, n, D)
+        v = vc[blocks, pos % BLOCK_SIZE].transpose(0, 1).repeat_interleave(group, 0)
+        dense = torch.nn.functional.scaled_dot_product_attention(q[b][:, None, :], k, v)[:, 0]
+        torch.testing.assert_close(out[b], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_ref_matches_hf_rotate_half():
+    g = gen(1)
+    n, d = 5, 64
+    cos, sin = rotary_tables(32, d)
+    q, k = torch.randn(n, 6, d, generator=g), torch.randn(n, 2, d, generator=g)
+    pos = torch.randint(0, 32, (n,), generator=g)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+
+    c = torch.cat([cos, cos], -1)[pos][:, None]
+    s = torch.cat([sin, sin], -1)[pos][:, None]
+    qr, kr = apply_rotary_ref(q, k, pos, cos, sin)
+    torch.testing.assert_close(qr, q * c + rotate_half(q) * s)
+    torch.testing.assert_close(kr, k * c + rotate_half(k) * s)
+
+
+def fill_inputs(n, hidden, num_layers, kv_heads, head_dim, dtype, seed=0):
+    g = gen(seed)
+    num_blocks = 4
+    h = torch.randn(n, hidden, generator=g).to(dtype)
+    exit_layer = torch.randint(0, num_layers + 1, (n,), generator=g).to(torch.int32)
+    exit_layer[0], exit_layer[-1] = 0, num_layers  # all layers skipped / none skipped
+    positions = torch.randint(0, 50, (n,), generator=g)
+    slot = torch.randperm(num_blocks * BLOCK_SIZE, generator=g)[:n]
+    norm_w = (1 + 0.1 * torch.randn(num_layers, hidden, generator=g)).to(dtype)
+    wk = (torch.randn(num_layers, kv_heads * head_dim, hidden, generator=g) / hidden**0.5).to(dtype)
+    wv = (torch.randn(num_layers, kv_heads * head_dim, hidden, generator=g) / hidden**0.5).to(dtype)
+    cos, sin = rotary_tables(64, head_dim)
+    cache_shape = (num_layers, num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    args = dict(h=h, exit_layer=exit_layer, positions=positions, slot=slot, input_norm_w=norm_w,
+                wk=wk, wv=wv, cos=cos, sin=sin)
+    return dict({k: v.to(DEVICE) for k, v in args.items()}, eps=1e-5), cache_shape
+
+
+def test_fused_fill_ref_matches_composition_of_references():
+    args, shape = fill_inputs(5, 96, 3, 2, 64, torch.float32)
+    kc = torch.full(shape, float("nan"), device=DEVICE)
+    vc = torch.full(shape, float("nan"), device=DEVICE)
+    fused_fill_ref(**args, k_cache=kc, v_cache=vc)
+    kc2, vc2 = kc.clone(), vc.clone()
+    for n in range(5):
+        for l in range(int(args["exit_layer"][n]), shape[0]):
+            x = rmsnorm_ref(args["h"][n:n + 1], args["input_norm_w"][l], args["eps"])
+            k = (x @ args["wk"][l].T).view(1, 2, 64)
+            v = (x @ args["wv"][l].T).view(1, 2, 64)
+            _, k = apply_rotary_ref(k, k, args["positions"][n:n + 1], args["cos"], args["sin"])
+            store_kv_ref(k, v, kc2[l], vc2[l], args["slot"][n:n + 1])
+    torch.testing.assert_close(kc, kc2, equal_nan=True)
+    torch.testing.assert_close(vc, vc2, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------ paged attention
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_CONFIGS)
+@pytest.mark.parametrize("split", [False, True])
+def test_paged_attention_matches_ref(dtype, num_heads, num_kv_heads, head_dim, split):
+    q, kc, vc, bt, ctx = paged_setup(CONTEXTS, num_heads, num_kv_heads, head_dim, dtype)
+    out = torch.full_like(q, float("nan"))
+    res = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=32, split=split, out=out,
+                                 backend="triton")
+    assert res.data_ptr() == out.data_ptr() and not out.isnan().any()
+    ref = paged_decode_attention_ref(q, kc, vc, bt, ctx)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@needs_triton
+def test_paged_attention_split_equals_nonsplit_and_auto():
+    q, kc, vc, bt, ctx = paged_setup([70, 3, 129], 6, 2, 64, torch.float32, seed=3)
+    whole = paged_decode_attention(q, kc, vc, bt, ctx, split=False, backend="triton")
+    for psize in (16, 48, 64):
+        parts = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=psize, split=True,
+                                       backend="triton")
+        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    # Auto: 3 * 2 programs cannot fill an H100, and the context bound spans 3 partitions of 64.
+    auto = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=64, backend="triton")
+    torch.testing.assert_close(auto, whole, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_paged_attention_gqa_grouping():
+    """Each query head must read its own KV head: make KV heads distinct and compare per head."""
+    q, kc, vc, bt, ctx = paged_setup([17, 33], 6, 3, 64, torch.float32, seed=4)
+    vc[:, :, 1] += 5.0  # KV head 1 shifts outputs of query heads 2, 3 only
+    out = paged_decode_attention(q, kc, vc, bt, ctx, backend="triton")
+    ref = paged_decode_attention_ref(q, kc, vc, bt, ctx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert (out[:, 2:4].mean() - out[:, [0, 1, 4, 5]].mean()) > 3.0
+
+
+@needs_triton
+def test_paged_attention_zero_context_gives_zeros():
+    q, kc, vc, bt, ctx = paged_setup([5, 20], 4, 2, 64, torch.float32)
+    ctx[0] = 0
+    for split in (False, True):
+        out = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=16, split=split,
+                                     backend="triton")
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        torch.testing.assert_close(out, paged_decode_attention_ref(q, kc, vc, bt, ctx))
+
+
+def test_paged_attention_torch_backend_is_ref():
+    q, kc, vc, bt, ctx = paged_setup(CONTEXTS, 6, 2, 64, torch.float32)
+    out = paged_decode_attention(q, kc, vc, bt, ctx, backend="torch")
+    assert torch.equal(out, paged_decode_attention_ref(q, kc, vc, bt, ctx))
+
+
+# ------------------------------------------------------------------------------------- kv store
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (3, 128)])
+def test_store_kv_writes_only_targeted_slots(cache_dtype, kv_heads, head_dim):
+    g = gen(5)
+    num_blocks, n = 5, 7
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    kc = torch.randn(shape, generator=g).to(DEVICE, cache_dtype)
+    vc = torch.randn(shape, generator=g).to(DEVICE, cache_dtype)
+    k = torch.randn(n, kv_heads, head_dim, generator=g).to(DEVICE)
+    v = torch.randn(n, kv_heads, head_dim, generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=g)[:n]
+    slots[3] = -1  # padding row: must not be written anywhere
+    slots = slots.to(DEVICE)
+    kc0, vc0 = kc.clone(), vc.clone()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    store_kv_ref(k, v, kc_ref, vc_ref, slots)
+    store_kv(k, v, kc, vc, slots, backend="triton")
+    targeted = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool, device=DEVICE)
+    targeted[slots[slots >= 0]] = True
+    # fp32 -> bf16 stores round to nearest on GPU but truncate under the interpreter: allow 1 ulp.
+    tol = dict(rtol=0, atol=0) if cache_dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    for cache, ref, orig in ((kc, kc_ref, kc0), (vc, vc_ref, vc0)):
+        flat, flat_ref, flat0 = (c.view(-1, kv_heads, head_dim) for c in (cache, ref, orig))
+        assert torch.equal(flat[~targeted], flat0[~targeted])  # untouched slots bit-identical
+        torch.testing.assert_close(flat[targeted], flat_ref[targeted], **tol)
+        assert (flat[targeted] != flat0[targeted]).all(-1).any(-1).all()  # every row rewritten
+
+
+# ------------------------------------------------------------------------------------ fused fill
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,hidden,num_layers,kv_heads,head_dim",
+                         [(5, 96, 3, 2, 64), (19, 130, 2, 1, 128)])
+def test_fused_fill_matches_ref_and_writes_only_skipped_layers(dtype, n, hidden, num_layers,
+                                                               kv_heads, head_dim):
+    args, shape = fill_inputs(n, hidden, num_layers, kv_heads, head_dim, dtype, seed=n)
+    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    fused_fill(**args, k_cache=kc, v_cache=vc, backend="triton")
+    fused_fill_ref(**args, k_cache=kc_ref, v_cache=vc_ref)
+    # Written set == (layer >= exit_layer, token's slot); everything else still NaN.
+    expect = torch.zeros(shape[0], shape[1] * shape[2], dtype=torch.bool, device=DEVICE)
+    for t in range(n):
+        expect[int(args["exit_layer"][t]):, int(args["slot"][t])] = True
+    for cache in (kc, vc):
+        written = ~cache.view(shape[0], -1, kv_heads * head_dim).isnan()
+        assert torch.equal(written.all(-1), expect) and torch.equal(written.any(-1), expect)
+    tol = TOL[dtype]
+    torch.testing.assert_close(kc.float(), kc_ref.float(), equal_nan=True, **tol)
+    torch.testing.assert_close(vc.float(), vc_ref.float(), equal_nan=True, **tol)
+
+
+@needs_triton
+def test_fused_fill_no_skipped_layers_is_noop():
+    args, shape = fill_inputs(4, 64, 2, 2, 64, torch.float32)
+    args["exit_layer"][:] = shape[0]
+    kc = torch.randn(shape, generator=gen(9)).to(DEVICE)
+    vc = torch.randn(shape, generator=gen(10)).to(DEVICE)
+    kc0, vc0 = kc.clone(), vc.clone()
+    fused_fill(**args, k_cache=kc, v_cache=vc, backend="triton")
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
+# ------------------------------------------------------------------------------ rmsnorm, rotary
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 96), (2, 5, 130), (2, 4099)])
+def test_rmsnorm_matches_ref(dtype, shape):
+    g = gen(11)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    out = torch.full_like(x, float("nan"))
+    rmsnorm(x, w, 1e-5, out=out, backend="triton")
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), rmsnorm_ref(x, w, 1e-5).float(), **TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_CONFIGS)
+def test_rotary_matches_ref(dtype, num_heads, num_kv_heads, head_dim):
+    g = gen(12)
+    n = 5
+    cos, sin = rotary_tables(100, head_dim, device=DEVICE)
+    q = torch.randn(n, num_heads, head_dim, generator=g).to(DEVICE, dtype)
+    k = torch.randn(n, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    pos = torch.randint(0, 100, (n,), generator=g).to(DEVICE)
+    qo, ko = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    apply_rotary(q, k, pos, cos, sin, out=(qo, ko), backend="triton")
+    assert not qo.isnan().any() and not ko.isnan().any()
+    qr, kr = apply_rotary_ref(q, k, pos, cos, sin)
+    torch.testing.assert_close(qo.float(), qr.float(), **TOL[dtype])
+    torch.testing.assert_close(ko.float(), kr.float(), **TOL[dtype])
+    # In place (out aliases the inputs) gives the same result.
+    q2, k2 = q.clone(), k.clone()
+    apply_rotary(q2, k2, pos, cos, sin, out=(q2, k2), backend="triton")
+    assert torch.equal(q2, qo) and torch.equal(k2, ko)
