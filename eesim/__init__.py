@@ -12,4 +12,26 @@ from eesim.errors import EesimError  # noqa: E402
 from eesim.hardware import HARDWARE_PRESETS, HardwareSpec  # noqa: E402
 from eesim.model_spec import MODEL_PRESETS, ModelSpec  # noqa: E402
 
-__all__ = ["EesimError", "HardwareSpec", "HARDWARE_PRESETS", "ModelSpec", "MODEL_PRESETS"]
+__all__ = ["EesimError", "HardwareSpec", "HARDWARE_PRESETS", "ModelSpec", "MODEL_PRESETS", "SimConfig", "simulate",
+           "compare", "read_exit_trace", "read_request_trace"]
+
+
+def __getattr__(name: str):
+    # The simulator and its readers load on first use, so `import eesim` stays light.
+    if name in ("SimConfig", "simulate"):
+        from eesim import simulator
+
+        return getattr(simulator, name)
+    if name == "compare":
+        from eesim.comparison import compare
+
+        return compare
+    if name == "read_exit_trace":
+        from eesim.exit_trace import read_exit_trace
+
+        return read_exit_trace
+    if name == "read_request_trace":
+        from eesim.workload import read_request_trace
+
+        return read_request_trace
+    raise AttributeError(f"module 'eesim' has no attribute {name!r}")

@@ -137,7 +137,7 @@ def _print_table(table, title: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from eesim.compare import compare, format_table, plot_comparison, policy_pairs
+    from eesim.comparison import compare, format_table, plot_comparison, policy_pairs
     from eesim.timeline import write_timeline
 
     config, workload, notes = _base_config(args)
@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from eesim.compare import format_table
+    from eesim.comparison import format_table
     from eesim.simulator import simulate
     from eesim.timeline import write_timeline
 

@@ -48,7 +48,7 @@ class AnalyticalCostModel:
     def _segment_times(self, work: IterationWork) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per (step, segment) and per (step, exit head)."""
         full, proj = work.full_rows, work.proj_rows
-        weights = np.where(full > 0, self.layer_bytes, np.where(proj > 0, self.kv_proj_bytes, 0.0))
+        weights = np.where(full > 0, self.layer_bytes, self.kv_proj_bytes * (proj > 0))
         memory = (weights + (work.kv_read + full + proj) * self.kv_token_bytes) / self.bandwidth
         compute = (full * self.layer_flops_per_row + proj * self.kv_proj_flops_per_row
                    + work.attn_context * self.attn_flops_per_position) / self.flop_rate

@@ -15,22 +15,27 @@ from eesim.kv_policy import KVPolicy
 
 
 class KVLedger:
+    """Depths are kept per position only once a sequence has had a position short of full depth: a
+    sequence whose every position is complete is just its length (most sequences, under fill)."""
+
     def __init__(self, num_layers: int, policy: KVPolicy) -> None:
         self.num_layers = num_layers
         self.policy = policy
-        self._depth: dict[int, np.ndarray] = {}
+        self._depth: dict[int, np.ndarray | None] = {}
+        self._capacity: dict[int, int] = {}
         self._length: dict[int, int] = {}
         self._owed: dict[int, list[int]] = {}  # positions with depth < num_layers, ascending
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def add(self, seq_id: int, capacity: int = 64) -> None:
-        self._depth[seq_id] = np.zeros(max(capacity, 1), dtype=np.int16)
+        self._depth[seq_id] = None
+        self._capacity[seq_id] = max(capacity, 1)
         self._length[seq_id] = 0
         self._owed[seq_id] = []
 
     def drop(self, seq_id: int) -> None:
         """The sequence finished or was preempted: its cache (and any debt) is gone."""
-        del self._depth[seq_id], self._length[seq_id], self._owed[seq_id]
+        del self._depth[seq_id], self._capacity[seq_id], self._length[seq_id], self._owed[seq_id]
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._depth
@@ -45,14 +50,18 @@ class KVLedger:
 
     def depths(self, seq_id: int) -> np.ndarray:
         """Depth of every computed position (a read-only view)."""
-        view = self._depth[seq_id][: self._length[seq_id]]
+        arr = self._depth[seq_id]
+        if arr is None:
+            view = np.full(self._length[seq_id], self.num_layers, dtype=np.int16)
+        else:
+            view = arr[: self._length[seq_id]]
         view.flags.writeable = False
         return view
 
     def owed(self, seq_id: int) -> list[tuple[int, int]]:
         """(position, depth) of every position still owed layers, ascending by position."""
         depth = self._depth[seq_id]
-        return [(p, int(depth[p])) for p in self._owed[seq_id]]
+        return [(p, int(depth[p])) for p in self._owed[seq_id]] if depth is not None else []
 
     def num_owed(self, seq_id: int) -> int:
         return len(self._owed[seq_id])
@@ -71,8 +80,15 @@ class KVLedger:
         computed in order: ``start`` is the sequence's current length."""
         end = start + count
         arr = self._depth[seq_id]
+        if arr is None:
+            if np.all(depth >= self.num_layers):
+                self._length[seq_id] = end
+                return
+            # the first position short of full depth: from now on, depths are kept per position
+            arr = np.full(max(self._capacity[seq_id], end), self.num_layers, dtype=np.int16)
+            self._depth[seq_id] = arr
         if end > arr.shape[0]:
-            grown = np.zeros(max(end, 2 * arr.shape[0]), dtype=np.int16)
+            grown = np.full(max(end, 2 * arr.shape[0]), self.num_layers, dtype=np.int16)
             grown[: arr.shape[0]] = arr
             self._depth[seq_id] = arr = grown
         arr[start:end] = depth

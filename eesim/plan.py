@@ -25,7 +25,7 @@ class IterationPlan:
     start: np.ndarray  # (B,) first position computed
     can_exit: np.ndarray  # (B,) bool: decode rows may exit early; prefill rows run full depth
     emits: np.ndarray  # (B,) bool: the pass completes the sequence's positions and samples a token
-    owed: list[list[tuple[int, int]]]  # per row: (position, depth) owed before this pass (ledger view)
+    owed: list  # per row: the (position, depth) pairs owed before this pass (the ledger's view)
     token_index: np.ndarray  # (B,) index of the generated token this row emits (if it emits)
     preempted: list[int] = field(default_factory=list)
     steps: int = 1  # consecutive decode iterations covered: row b's step t computes position start[b] + t

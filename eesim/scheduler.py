@@ -78,18 +78,19 @@ class Scheduler:
         preempted: list[int] = []
 
         # Running sequences keep their places; a block shortage evicts the newest admitted ones.
+        allocator, block_size = self.allocator, self.config.block_size
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(seq.remaining_to_compute, budget)
-            need = self.allocator.blocks_for(seq.num_computed + count) - len(seq.blocks)
-            while need > self.allocator.num_free and self.running[-1] is not seq:
-                preempted.append(self._preempt(self.running.pop()))
-            if need > self.allocator.num_free:
-                preempted.append(self._preempt(self.running.pop()))  # the sequence itself
-                break
+            count = min(seq.request.prompt_len + seq.num_generated - seq.num_computed, budget)
+            need = -(-(seq.num_computed + count) // block_size) - len(seq.blocks)
             if need > 0:
-                seq.blocks.extend(self.allocator.allocate(seq.seq_id, need))
+                while need > allocator.num_free and self.running[-1] is not seq:
+                    preempted.append(self._preempt(self.running.pop()))
+                if need > allocator.num_free:
+                    preempted.append(self._preempt(self.running.pop()))  # the sequence itself
+                    break
+                seq.blocks.extend(allocator.allocate(seq.seq_id, need))
             rows.append((seq, count))
             budget -= count
             index += 1
@@ -99,11 +100,11 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             count = min(seq.remaining_to_compute, budget)
-            need = self.allocator.blocks_for(seq.num_computed + count)
-            if need > self.allocator.num_free:
+            need = allocator.blocks_for(seq.num_computed + count)
+            if need > allocator.num_free:
                 break
             self.waiting.popleft()
-            seq.blocks = self.allocator.allocate(seq.seq_id, need)
+            seq.blocks = allocator.allocate(seq.seq_id, need)
             seq.status = Status.RUNNING
             if seq.first_scheduled_time < 0:
                 seq.first_scheduled_time = now
@@ -114,14 +115,15 @@ class Scheduler:
 
         seqs = [seq for seq, _ in rows]
         # One (4, B) table, built from Python ints in one go: num_new, start, total_len, generated.
-        table = np.array([[count for _, count in rows], [seq.num_computed for seq in seqs],
-                          [seq.total_len for seq in seqs], [seq.num_generated for seq in seqs]],
-                         dtype=np.int64).reshape(4, len(rows))
+        table = np.array([(count, seq.num_computed, seq.request.prompt_len + seq.num_generated, seq.num_generated)
+                          for seq, count in rows], dtype=np.int64).reshape(len(rows), 4).T
         num_new, start, total, generated = table
         emits = start + num_new == total
         can_exit = emits & (num_new == 1) & (generated > 0)
-        owed_now = self.ledger._owed
-        owed = [self.ledger.owed(seq.seq_id) if owed_now[seq.seq_id] else [] for seq in seqs]
+        if self.policy.settle == "iteration_end":
+            owed = [()] * len(seqs)  # such policies leave nothing owed between iterations
+        else:
+            owed = [self.ledger.owed(seq.seq_id) for seq in seqs]
         plan = IterationPlan(self.num_iterations, seqs, num_new, start, can_exit, emits, owed, generated,
                              preempted)
         if max_steps > 1 and not preempted and len(seqs) == len(self.running) and can_exit.all() \

@@ -23,6 +23,8 @@ from eesim.work import WorkCounter
 
 
 class SimExecutor:
+    """Implements eesim.executor.Executor for the simulator."""
+
     def __init__(self, model: ModelSpec, rule: ExitRule, policy: KVPolicy, measure: Measure,
                  threshold: Threshold, trace: ExitTrace, cost_model: CostModel) -> None:
         model_fractions = np.asarray(model.all_exits) / model.num_layers
@@ -38,7 +40,14 @@ class SimExecutor:
         self.trace = trace
         self.cost_model = cost_model
         self.counter = WorkCounter(model, policy, rule, measure.needs_logits)
-        self._column = trace.agrees if measure.column == "agrees" else trace.values[measure.column]
+        column = trace.agrees if measure.column == "agrees" else trace.values[measure.column]
+        # A fixed threshold makes confidence a property of the trace row: decide it once, up front.
+        if column.dtype == bool:
+            self._confident, self._column = column, None
+        elif not threshold.decay:
+            self._confident, self._column = measure.confident(column, threshold.value), None
+        else:
+            self._confident, self._column = None, column
         self._num_checks = model.num_segments - 1
 
     def prepare(self, seq: Sequence, trace_sequence: int) -> None:
@@ -52,10 +61,11 @@ class SimExecutor:
         bound = np.array([(seq.trace_offset, seq.trace_len) for seq in seqs], dtype=np.int64).reshape(-1, 2)
         token = plan.token_index[None, :] + np.arange(steps)[:, None]  # (T, B) generated-token index
         rows = bound[:, 0] + token % np.maximum(bound[:, 1], 1)  # (T, B) trace rows, wrapping around
-        values = self._column[rows, :-1]  # (T, B, K) at the intermediate exits
-        if values.dtype != bool:
-            values = self.measure.confident(values, self.threshold.at(token, self.measure)[:, :, None])
-        confident = values & plan.can_exit[None, :, None]
+        if self._confident is not None:
+            confident = self._confident[rows, :-1]  # (T, B, K) at the intermediate exits
+        else:
+            thresholds = self.threshold.at(token, self.measure)[:, :, None]
+            confident = self.measure.confident(self._column[rows, :-1], thresholds)
         exit_index, forced = self.rule.decide_all(confident, plan.can_exit)
         agrees = self.trace.agrees[rows, exit_index] | ~plan.emits
         tokens = np.where(plan.emits, self.trace.argmax[rows, exit_index], -1)

@@ -40,13 +40,15 @@ class WorkCounter:
         self.segment_ids = np.arange(model.num_segments)
         self.exit_layers = model.all_exits
         self.segment_of_depth = {depth: i for i, depth in enumerate(model.segment_bounds)}
+        self._zeros = np.zeros((1, model.num_segments))
+        self._zeros.flags.writeable = False  # shared by one-step records that owe nothing
 
     def count(self, plan: IterationPlan, exit_index: np.ndarray) -> IterationWork:
         """Work of each of the plan's steps, given the exit index of every row in every step (T, B)."""
         steps, num_rows = exit_index.shape
         segs = self.num_segments
         num_new = plan.num_new
-        start = plan.start + np.arange(steps)[:, None]  # (T, B): step t computes position start + t
+        start = plan.start if steps == 1 else plan.start + np.arange(steps)[:, None]  # step t: position start + t
         # A row with exit index k ran segments 0..k: one (T, B, S) mask turns every per-row quantity
         # into per-segment sums with a single batched product.
         reaches = (exit_index[:, :, None] >= self.segment_ids).astype(np.float64)
@@ -58,18 +60,18 @@ class WorkCounter:
         per_row[:, 4] = plan.emits
         per_row[:, 5] = (start + 1) * plan.can_exit  # context of a decode row, if it must be re-run
         sums = per_row @ reaches
-        full_rows, attn, kv_read, checked, emitted, decode_context = (sums[:, i] for i in range(6))
+        full_rows, attn, kv_read, checked, emitted, decode_context = sums.transpose(1, 0, 2)
         batch_reach = exit_index.max(axis=1)
-        owed_rows = np.zeros((steps, segs))
-        owed_context = np.zeros((steps, segs))
+        owed_rows = owed_context = self._zeros if steps == 1 else np.zeros((steps, segs))
         if self.policy.settle == "iteration_end":
             # Nothing is owed across iterations: this pass settles its own early exits. A decode row
             # that exited at exit k is owed every segment after k, i.e. every segment it did not reach.
-            owed_rows = per_row[:, 3].sum(axis=1, keepdims=True) - checked
+            owed_rows = float(plan.num_decode) - checked
             if self.policy.work == "full_layers":
                 owed_context = per_row[:, 5].sum(axis=1, keepdims=True) - decode_context
         elif any(plan.owed) or ((exit_index < segs - 1) & plan.can_exit).any():
             assert steps == 1, "debts carried across iterations are counted one step at a time"
+            owed_rows, owed_context = np.zeros((1, segs)), np.zeros((1, segs))
             self._count_settlement(plan, exit_index[0], int(batch_reach[0]), owed_rows[0], owed_context[0])
         check_rows = checked if self.checks else checked * 0.0
         check_rows[:, -1] = 0.0  # the last layer is not a check: every row still running stops there
@@ -79,10 +81,10 @@ class WorkCounter:
             # checked rows that ran on still paid for that exit's logits
             logit_rows = np.maximum(logit_rows, check_rows)
         if self.policy.work == "full_layers":
-            proj, recompute = np.zeros((steps, segs)), owed_rows
+            proj, recompute = self._zeros if steps == 1 else np.zeros((steps, segs)), owed_rows
             full_rows, attn, kv_read = full_rows + recompute, attn + owed_context, kv_read + owed_context
         else:
-            proj, recompute = owed_rows, np.zeros((steps, segs))
+            proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
         syncs = (check_rows > 0).sum(axis=1)
         return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach)
 

@@ -18,6 +18,6 @@ class AllConfident(ExitRule):
 
 
     def decide_all(self, confident: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if not eligible.any():
-            return super().decide_all(confident, eligible)
-        return batch_exit(confident[:, eligible].all(axis=1), confident, eligible)
+        # rows that cannot exit (prefill) do not hold the batch back
+        stop = (confident | ~eligible[:, None]).all(axis=1) & eligible.any()
+        return batch_exit(stop, confident, eligible, can_force=False)

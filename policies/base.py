@@ -11,14 +11,18 @@ import numpy as np
 from eesim.errors import require
 
 
-def batch_exit(stop: np.ndarray, confident: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def batch_exit(stop: np.ndarray, confident: np.ndarray, eligible: np.ndarray,
+               can_force: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Closed form for rules where the eligible rows leave together, in each step t, at the first exit
-    where ``stop[t]`` holds. ``stop``: (T, K); ``confident``: (T, B, K)."""
+    where ``stop[t]`` holds. ``stop``: (T, K); ``confident``: (T, B, K). A rule that stops only where
+    every row is confident (``can_force`` False) forces nobody out."""
     steps, num_rows, num_checks = confident.shape
     has_stop = stop.any(axis=1)
     first = np.where(has_stop, stop.argmax(axis=1), num_checks)
     leaving = has_stop[:, None] & eligible
     exit_index = np.where(leaving, first[:, None], num_checks)
+    if not can_force:
+        return exit_index, np.zeros(exit_index.shape, dtype=bool)
     picked = confident[np.arange(steps)[:, None], np.arange(num_rows), np.minimum(first, num_checks - 1)[:, None]]
     return exit_index, leaving & ~picked
 

@@ -56,7 +56,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert len({s.seq_id for s in plan.seqs}) == len(plan.seqs), "a sequence scheduled twice"
         for seq, owed in zip(plan.seqs, plan.owed):
             # every owed position rides along with its sequence's pass (recompute: "gets scheduled")
-            assert owed == ledger.owed(seq.seq_id)
+            assert list(owed) == ledger.owed(seq.seq_id)
         rng = np.random.default_rng(seed)
         confident = rng.random((plan.steps, plan.batch_size, MODEL.num_segments - 1)) < confident_share
         exit_index, forced = self.rule.decide_all(confident, plan.can_exit)
