@@ -70,24 +70,31 @@ def format_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_comparison(summary: pd.DataFrame, path: Path, title: str) -> None:
-    """Throughput against p99 inter-token latency and against quality, one point per policy pair."""
+    """Throughput against p99 inter-token latency and against quality, and mean inter-token latency
+    against quality: one labelled point per policy pair."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
+    panels = (("itl_p99", 1e3, "p99 inter-token latency (ms)", "throughput_tok_s", 1, "throughput (output tokens/s)"),
+              ("quality", 1, "quality: share of tokens equal to the full model's", "throughput_tok_s", 1,
+               "throughput (output tokens/s)"),
+              ("quality", 1, "quality: share of tokens equal to the full model's", "itl_mean", 1e3,
+               "mean inter-token latency (ms)"))
     markers = dict(zip(sorted(summary["exit_rule"].unique()), "osD^vP*X"))
-    for row in summary.itertuples(index=False):
-        marker = markers.get(row.exit_rule, "o")
-        left.scatter(row.itl_p99 * 1e3, row.throughput_tok_s, marker=marker, s=60, label=row.policy)
-        right.scatter(row.quality, row.throughput_tok_s, marker=marker, s=60, label=row.policy)
-    left.set_xlabel("p99 inter-token latency (ms)")
-    right.set_xlabel("quality: share of tokens equal to the full model's")
-    for ax in (left, right):
-        ax.set_ylabel("throughput (output tokens/s)")
+    for ax, (xcol, xscale, xlabel, ycol, yscale, ylabel) in zip(axes, panels):
+        for row in summary.itertuples(index=False):
+            x, y = getattr(row, xcol) * xscale, getattr(row, ycol) * yscale
+            ax.scatter(x, y, marker=markers.get(row.exit_rule, "o"), s=50)
+            ax.annotate(row.policy, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.ticklabel_format(useOffset=False, style="plain")
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="best")
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120)
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=9)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
