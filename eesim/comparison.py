@@ -6,6 +6,7 @@ are measured against. Every run sees the same requests and the same recorded gen
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -16,6 +17,7 @@ from rich.progress import Progress
 from eesim.metrics import SimResult
 from eesim.policies import EXIT_RULES, KV_POLICIES, exit_rule
 from eesim.simulator import SimConfig, simulate
+from eesim.timeline import write_atomic
 from eesim.workload import Workload
 
 TABLE_COLUMNS = {
@@ -96,5 +98,7 @@ def plot_comparison(summary: pd.DataFrame, path: Path, title: str) -> None:
         ax.ticklabel_format(useOffset=False, style="plain")
         ax.grid(alpha=0.3)
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=9)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(Path(path), buffer.getvalue())

@@ -78,17 +78,23 @@ def _from_entry_points(group: str, name: str) -> Any | None:
     return None
 
 
+def _lookup(name: str, registry: dict, group: str, kind: str, example: str) -> Any:
+    """A registered name, an entry point of ``group``, or a dotted path to an importable object."""
+    found = registry.get(name) or _from_entry_points(group, name)
+    if found is None and "." in name:
+        found = _load_dotted(name, kind)
+    if found is None:
+        raise EesimError(f"unknown {kind} {name!r}; built-in: {', '.join(sorted(registry))} "
+                         f"(or give a dotted path {example})")
+    return found
+
+
 def exit_rule(spec: str | ExitRule) -> ExitRule:
     """An exit rule from a spec string such as ``all_confident`` or ``quorum:q=0.75``."""
     if isinstance(spec, ExitRule):
         return spec
     name, params = parse_spec(spec)
-    factory = EXIT_RULES.get(name) or _from_entry_points("eesim.exit_rules", name)
-    if factory is None and "." in name:
-        factory = _load_dotted(name, "exit rule")
-    if factory is None:
-        raise EesimError(f"unknown exit rule {name!r}; built-in: {', '.join(sorted(EXIT_RULES))} "
-                         "(or give a dotted path module.Class)")
+    factory = _lookup(name, EXIT_RULES, "eesim.exit_rules", "exit rule", "module.Class")
     try:
         rule = factory(**params)
     except TypeError as err:
@@ -101,12 +107,7 @@ def exit_rule(spec: str | ExitRule) -> ExitRule:
 def kv_policy(spec: str | KVPolicy) -> KVPolicy:
     if isinstance(spec, KVPolicy):
         return spec
-    policy = KV_POLICIES.get(spec) or _from_entry_points("eesim.kv_policies", spec)
-    if policy is None and "." in spec:
-        policy = _load_dotted(spec, "KV policy")
-    if policy is None:
-        raise EesimError(f"unknown KV policy {spec!r}; built-in: {', '.join(sorted(KV_POLICIES))} "
-                         "(or give a dotted path module.POLICY)")
+    policy = _lookup(spec, KV_POLICIES, "eesim.kv_policies", "KV policy", "module.POLICY")
     if not isinstance(policy, KVPolicy):
         raise EesimError(f"KV policy {spec!r} is not an eesim.kv_policy.KVPolicy")
     return policy
