@@ -47,19 +47,30 @@ class AnalyticalCostModel:
 
     def _segment_times(self, work: IterationWork) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per (step, segment) and per (step, exit head)."""
+        # In-place on fresh temporaries: the arrays are tiny, so allocations cost as much as arithmetic.
+        # The operations and their order are those of the formulas in the docstring, bit for bit.
         full, proj = work.full_rows, work.proj_rows
-        weights = np.where(full > 0, self.layer_bytes, self.kv_proj_bytes * (proj > 0))
-        memory = (weights + (work.kv_read + full + proj) * self.kv_token_bytes) / self.bandwidth
-        compute = (full * self.layer_flops_per_row + proj * self.kv_proj_flops_per_row
-                   + work.attn_context * self.attn_flops_per_position) / self.flop_rate
-        segment = self.layers * np.maximum(memory, compute)
+        memory = work.kv_read + full
+        memory += proj
+        memory *= self.kv_token_bytes
+        memory += np.where(full > 0, self.layer_bytes, self.kv_proj_bytes * (proj > 0))  # weights
+        memory /= self.bandwidth
+        compute = full * self.layer_flops_per_row
+        compute += proj * self.kv_proj_flops_per_row
+        compute += work.attn_context * self.attn_flops_per_position
+        compute /= self.flop_rate
+        segment = np.maximum(memory, compute, out=memory)
+        segment *= self.layers
         logit_rows = work.logit_rows
         heads = np.maximum(self.head_seconds * (logit_rows > 0), logit_rows * self.head_row_seconds)
         return segment, heads
 
     def iteration_time(self, work: IterationWork) -> np.ndarray:
         segment, heads = self._segment_times(work)
-        return segment.sum(axis=1) + heads.sum(axis=1) + (self.fixed + work.syncs * self.sync)
+        total = np.add.reduce(segment, axis=1)  # (the ufunc itself: ndarray.sum adds a Python layer)
+        total += np.add.reduce(heads, axis=1)
+        total += self.fixed + work.syncs * self.sync
+        return total
 
     def breakdown(self, work: IterationWork) -> dict[str, float]:
         segment, heads = self._segment_times(work)

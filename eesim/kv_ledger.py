@@ -81,7 +81,9 @@ class KVLedger:
         end = start + count
         arr = self._depth[seq_id]
         if arr is None:
-            if np.all(depth >= self.num_layers):
+            # (a plain int in the common case: np.all on a scalar costs more than the rest of the call)
+            shallowest = depth if isinstance(depth, int) else int(depth.min())
+            if shallowest >= self.num_layers:
                 self._length[seq_id] = end
                 return
             # the first position short of full depth: from now on, depths are kept per position

@@ -17,6 +17,7 @@ forced (involuntary) exit shares, quality (share of emitted tokens equal to the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import pandas as pd
@@ -83,30 +84,58 @@ class SimResult:
     cost_model: object = field(default=None, repr=False)
 
 
-def _request_frame(sequences: list[Sequence]) -> tuple[pd.DataFrame, np.ndarray]:
-    rows = []
-    gaps: list[np.ndarray] = []
-    for seq in sequences:
-        req = seq.request
-        times = np.asarray(seq.token_times)
-        itl = np.diff(times)
-        gaps.append(itl)
-        n = len(times)
-        rows.append((
-            req.request_id, req.arrival_time, seq.first_scheduled_time, times[0] if n else np.nan,
-            times[-1] if n else np.nan, req.prompt_len, n,
-            float(np.mean(seq.exit_layers)) if n else np.nan,
-            int(sum(1 for f in seq.forced if f)), float(np.mean(seq.agrees)) if n else np.nan,
-            seq.num_preemptions, float(itl.mean()) if len(itl) else np.nan, float(itl.max()) if len(itl) else np.nan))
-    frame = pd.DataFrame(rows, columns=[
-        "request_id", "arrival", "first_scheduled", "first_token", "finish", "prompt_len", "output_len",
-        "mean_layers", "forced_exits", "agreement", "preemptions", "itl_mean", "itl_max"])
+def _flat(sequences: list[Sequence], name: str, lengths: np.ndarray, dtype) -> np.ndarray:
+    """Every sequence's per-token list ``name``, concatenated in sequence order."""
+    return np.fromiter(chain.from_iterable(getattr(seq, name) for seq in sequences), dtype=dtype,
+                       count=int(lengths.sum()))
+
+
+def _per_seq(ufunc: np.ufunc, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``ufunc`` reduced over each sequence's run of ``values`` (NaN for a sequence with none)."""
+    out = np.full(len(lengths), np.nan)
+    some = lengths > 0
+    if some.any():
+        out[some] = ufunc.reduceat(values, (np.cumsum(lengths) - lengths)[some])
+    return out
+
+
+def _request_frame(sequences: list[Sequence]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-request columns, the pooled inter-token gaps, and every token's exit layer and agreement
+    (flat, in sequence order). Vectorised over all tokens at once: a per-sequence loop of small numpy
+    calls cost a tenth of a second per 10k requests."""
+    num = len(sequences)
+    n = np.fromiter((len(seq.token_times) for seq in sequences), dtype=np.int64, count=num)
+    times = _flat(sequences, "token_times", n, np.float64)
+    exit_layers = _flat(sequences, "exit_layers", n, np.float64)
+    agrees = _flat(sequences, "agrees", n, bool)
+    forced = _flat(sequences, "forced", n, np.int64)
+    # gaps between consecutive tokens of one sequence, in sequence order
+    owner = np.repeat(np.arange(num), n)
+    same = owner[1:] == owner[:-1]
+    pooled = np.diff(times)[same]
+    num_gaps = np.maximum(n - 1, 0)
+    first = _per_seq(np.minimum, times, n)  # token times ascend within a sequence
+    last = _per_seq(np.maximum, times, n)
+    reqs = [seq.request for seq in sequences]
+    frame = pd.DataFrame({
+        "request_id": np.fromiter((r.request_id for r in reqs), dtype=np.int64, count=num),
+        "arrival": np.fromiter((r.arrival_time for r in reqs), dtype=np.float64, count=num),
+        "first_scheduled": np.fromiter((seq.first_scheduled_time for seq in sequences), dtype=np.float64, count=num),
+        "first_token": first, "finish": last,
+        "prompt_len": np.fromiter((r.prompt_len for r in reqs), dtype=np.int64, count=num),
+        "output_len": n,
+        "mean_layers": _per_seq(np.add, exit_layers, n) / n,
+        "forced_exits": np.bincount(owner, weights=forced, minlength=num).astype(np.int64),
+        "agreement": _per_seq(np.add, agrees.astype(np.float64), n) / n,
+        "preemptions": np.fromiter((seq.num_preemptions for seq in sequences), dtype=np.int64, count=num),
+        "itl_mean": _per_seq(np.add, pooled, num_gaps) / num_gaps,
+        "itl_max": _per_seq(np.maximum, pooled, num_gaps),
+    })
     frame["queueing_delay"] = frame["first_scheduled"] - frame["arrival"]
     frame["ttft"] = frame["first_token"] - frame["arrival"]
     frame["e2e"] = frame["finish"] - frame["arrival"]
     frame["tpot"] = (frame["finish"] - frame["first_token"]) / (frame["output_len"] - 1).where(frame["output_len"] > 1)
-    pooled = np.concatenate(gaps) if gaps else np.empty(0)
-    return frame, pooled
+    return frame, pooled, exit_layers, agrees
 
 
 def _describe(prefix: str, values: np.ndarray, out: dict) -> None:
@@ -118,11 +147,8 @@ def _describe(prefix: str, values: np.ndarray, out: dict) -> None:
 
 def build_result(sequences: list[Sequence], iterations: pd.DataFrame, model: ModelSpec, labels: dict,
                  work_logs: dict | None = None, cost_model: object = None) -> SimResult:
-    requests, itl = _request_frame(sequences)
+    requests, itl, exit_layers, agrees = _request_frame(sequences)
     iterations = iterations.sort_values(["start", "replica"], kind="stable", ignore_index=True)
-    exit_layers = np.concatenate([np.asarray(s.exit_layers, dtype=float) for s in sequences]) \
-        if sequences else np.empty(0)
-    agrees = np.concatenate([np.asarray(s.agrees, dtype=bool) for s in sequences]) if sequences else np.empty(0)
     tokens = len(exit_layers)
     makespan = float(requests["finish"].max() - requests["arrival"].min()) if len(requests) else 0.0
     busy = float((iterations["end"] - iterations["start"]).sum()) if len(iterations) else 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
@@ -146,12 +147,22 @@ class Scheduler:
         remaining = min(seq.request.output_len - seq.num_generated for seq in plan.seqs)
         steps = min(max_steps, remaining)
         if steps > 1:
-            # Step t >= 1 writes position start + t: a new block whenever that crosses a boundary.
-            positions = plan.start[None, :] + np.arange(1, steps)[:, None]
-            new_blocks = np.cumsum((positions % self.config.block_size == 0).sum(axis=1))
-            steps = 1 + int(np.searchsorted(new_blocks, self.allocator.num_free, side="right"))
-            steps = min(steps, min(max_steps, remaining))
+            # The run stops before the step whose new block would be one more than the free ones.
+            crossings = self._run_crossings(plan, steps)
+            if len(crossings) > self.allocator.num_free:
+                steps = crossings[self.allocator.num_free][0]
         return steps
+
+    def _run_crossings(self, plan: IterationPlan, steps: int) -> list[tuple[int, int]]:
+        """(step, row) of every new block that steps 1..steps-1 of a run need, step-major then row order.
+        Step t >= 1 writes position start + t: a new block when that lands on a block boundary, i.e. at
+        t = block_size - start % block_size and every block_size steps after. (Python ints: a batch is
+        a handful of rows, and (steps, rows) numpy masks cost more than this.)"""
+        size = self.config.block_size
+        crossings = [(t, row) for row, start in enumerate(plan.start.tolist())
+                     for t in range(size - start % size, steps, size)]
+        crossings.sort()
+        return crossings
 
     def _preempt(self, seq: Sequence) -> int:
         self.allocator.free(seq.seq_id, seq.blocks)
@@ -214,12 +225,9 @@ class Scheduler:
 
     def _allocate_run_blocks(self, plan: IterationPlan, steps: int) -> None:
         """Blocks for steps 1.. of a run, in the order step-by-step scheduling would take them."""
-        crossing = (plan.start[None, :] + np.arange(1, steps)[:, None]) % self.config.block_size == 0
-        new_blocks = crossing.sum(axis=1).tolist()
-        for t, row in np.argwhere(crossing).tolist():  # step-major, then row order
+        new_blocks = [0] * steps
+        for t, row in self._run_crossings(plan, steps):
             seq = plan.seqs[row]
             seq.blocks.extend(self.allocator.allocate(seq.seq_id, 1))
-        used = self.blocks_used[0]
-        for t, count in enumerate(new_blocks, start=1):
-            used += count
-            self.blocks_used[t] = used
+            new_blocks[t] += 1
+        self.blocks_used = list(accumulate(new_blocks, initial=self.blocks_used[0]))[1:]

@@ -8,7 +8,9 @@ executor.execute(plan)`` -> (simulated time passes by ``outcome.elapsed``) ->
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import simpy
@@ -85,14 +87,13 @@ class ReplicaSim:
             if not plan.seqs:
                 raise RuntimeError("scheduler planned an empty iteration with work pending")
             outcome = executor.execute(plan)
-            if outcome.steps > 1:
-                # A run stops with the step during which the next request arrives: step-by-step, the
-                # scheduler would see that request at the following step.
-                ends = np.cumsum(np.concatenate(([start], outcome.elapsed)))[1:]
-                keep = min(outcome.steps, int(np.searchsorted(ends, self.next_arrival[0])) + 1)
-                outcome, step_ends = outcome.head(keep), ends[:keep].tolist()
-            else:
-                step_ends = [start + float(outcome.elapsed[0])]
+            # A run stops with the step during which the next request arrives: step-by-step, the
+            # scheduler would see that request at the following step. (Python floats: the same
+            # sequential sums as np.cumsum, cheaper for a few hundred steps.)
+            step_ends = list(accumulate(outcome.elapsed.tolist(), initial=start))[1:]
+            keep = bisect_left(step_ends, self.next_arrival[0]) + 1
+            if keep < outcome.steps:
+                outcome, step_ends = outcome.head(keep), step_ends[:keep]
             yield env.timeout(step_ends[-1] - start)
             scheduler.update(plan, outcome, step_ends)
             self._record(plan, outcome, start, step_ends)

@@ -40,6 +40,11 @@ class WorkCounter:
         self.segment_ids = np.arange(model.num_segments)
         self.exit_layers = model.all_exits
         self.segment_of_depth = {depth: i for i, depth in enumerate(model.segment_bounds)}
+        # Row k of _reach: 1.0 for the segments a row with exit index k ran (0..k); one gather turns
+        # exit indices into the (T, B, S) mask (instead of a compare and a cast).
+        self._reach = (self.segment_ids[:, None] >= self.segment_ids).astype(np.float64)
+        # emitted @ _exact: rows emitting at exactly exit s (those reaching s less those reaching s+1)
+        self._exact = np.eye(model.num_segments) - np.eye(model.num_segments, k=-1)
         self._zeros = np.zeros((1, model.num_segments))
         self._zeros.flags.writeable = False  # shared by one-step records that owe nothing
 
@@ -51,7 +56,7 @@ class WorkCounter:
         start = plan.start if steps == 1 else plan.start + np.arange(steps)[:, None]  # step t: position start + t
         # A row with exit index k ran segments 0..k: one (T, B, S) mask turns every per-row quantity
         # into per-segment sums with a single batched product.
-        reaches = (exit_index[:, :, None] >= self.segment_ids).astype(np.float64)
+        reaches = self._reach[exit_index]
         per_row = np.empty((steps, 6, num_rows))
         per_row[:, 0] = num_new
         per_row[:, 1] = num_new * start + num_new * (num_new + 1) // 2  # positions attended (causal chunk)
@@ -66,17 +71,17 @@ class WorkCounter:
         if self.policy.settle == "iteration_end":
             # Nothing is owed across iterations: this pass settles its own early exits. A decode row
             # that exited at exit k is owed every segment after k, i.e. every segment it did not reach.
-            owed_rows = float(plan.num_decode) - checked
+            # (every row runs segment 0, so column 0 holds the totals over the decode rows)
+            owed_rows = checked[:, :1] - checked
             if self.policy.work == "full_layers":
-                owed_context = per_row[:, 5].sum(axis=1, keepdims=True) - decode_context
+                owed_context = decode_context[:, :1] - decode_context
         elif any(plan.owed) or ((exit_index < segs - 1) & plan.can_exit).any():
             assert steps == 1, "debts carried across iterations are counted one step at a time"
             owed_rows, owed_context = np.zeros((1, segs)), np.zeros((1, segs))
             self._count_settlement(plan, exit_index[0], int(batch_reach[0]), owed_rows[0], owed_context[0])
         check_rows = checked if self.checks else checked * 0.0
         check_rows[:, -1] = 0.0  # the last layer is not a check: every row still running stops there
-        logit_rows = emitted.copy()
-        logit_rows[:, :-1] -= emitted[:, 1:]  # rows emitting at exactly that exit
+        logit_rows = emitted @ self._exact  # rows emitting at exactly that exit
         if self.needs_logits and self.checks:
             # checked rows that ran on still paid for that exit's logits
             logit_rows = np.maximum(logit_rows, check_rows)
