@@ -13,7 +13,7 @@ from eesim.hardware import HARDWARE_PRESETS, HardwareSpec  # noqa: E402
 from eesim.model_spec import MODEL_PRESETS, ModelSpec  # noqa: E402
 
 __all__ = ["EesimError", "HardwareSpec", "HARDWARE_PRESETS", "ModelSpec", "MODEL_PRESETS", "SimConfig", "simulate",
-           "compare", "read_exit_trace", "read_request_trace"]
+           "compare", "read_exit_trace", "read_request_trace", "sweep", "calibrate", "max_goodput"]
 
 
 def __getattr__(name: str):
@@ -34,4 +34,13 @@ def __getattr__(name: str):
         from eesim.workload import read_request_trace
 
         return read_request_trace
+    if name in ("sweep", "calibrate"):
+        # the submodule of that name; it is callable: eesim.sweep(...) runs eesim.sweep.sweep(...)
+        import importlib
+
+        return importlib.import_module(f"eesim.{name}")
+    if name == "max_goodput":
+        from eesim.sweep import max_goodput
+
+        return max_goodput
     raise AttributeError(f"module 'eesim' has no attribute {name!r}")

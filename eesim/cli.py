@@ -3,6 +3,9 @@
     eesim compare    every exit rule x KV policy on one workload: table, plot, timeline (the main job)
     eesim simulate   one policy pair: per-request and per-iteration tables, summary, timeline
     eesim trace      describe an exit trace, or write a synthetic one
+    eesim calibrate  certify exit thresholds on a recorded trace (Learn-then-Test); writes measure -> threshold JSON
+    eesim sweep      a grid of simulations from a TOML/JSON config: resumable parquet, process pool or Ray
+    eesim goodput    the highest request rate per policy that meets TTFT / inter-token latency objectives
     eesim train      train the project's early-exit model (GPU; see eesim/model/train.py)
     eesim record     record exit traces from a checkpoint (see eesim/model/record.py)
 
@@ -38,7 +41,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                    help="'default' (the project's recorded trace, else synthetic), 'synthetic', or a parquet path")
     g.add_argument("--measure", default="max_prob",
                    help="confidence measure: max_prob, margin, entropy, cosine, classifier, oracle")
-    g.add_argument("--threshold", default="0.9", help="a number, or decay:VALUE[,tau=4,horizon=256]")
+    g.add_argument("--threshold", default="0.9",
+                   help="a number, decay:VALUE[,tau=4,horizon=256], or calibrated:PATH (from eesim calibrate)")
     g = parser.add_argument_group("serving")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences per iteration")
     g.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per iteration (chunked prefill)")
@@ -238,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--sequences", type=int, default=2000)
     trace.add_argument("--seed", type=int, default=0)
     trace.set_defaults(func=cmd_trace)
+    from eesim import calibrate as calibrate_cli, sweep as sweep_cli
+
+    calibrate_cli.add_cli(sub)
+    sweep_cli.add_cli(sub)  # registers both `sweep` and `goodput`
     for name, module in (("train", "eesim.model.train"), ("record", "eesim.model.record")):
         p = sub.add_parser(name, help=f"see python -m {module} --help", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

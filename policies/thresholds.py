@@ -43,9 +43,14 @@ class Threshold:
 
 
 def parse_threshold(text: str | float | Threshold, measure: Measure) -> Threshold:
-    """``0.9`` (fixed) or ``decay:0.9[,tau=4,horizon=256]``; checked against the measure's domain."""
+    """``0.9`` (fixed), ``decay:0.9[,tau=4,horizon=256]``, or ``calibrated:PATH`` (a threshold certified by
+    ``eesim calibrate`` for this measure); checked against the measure's domain."""
     if isinstance(text, Threshold):
         threshold = text
+    elif isinstance(text, str) and text.strip().startswith("calibrated:"):
+        from eesim.calibrate import load_calibrated
+
+        threshold = Threshold(load_calibrated(text.strip()[len("calibrated:"):], measure.name))
     elif isinstance(text, (int, float)):
         threshold = Threshold(float(text))
     else:
