@@ -141,7 +141,11 @@ def fused_fill(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, s
         return
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     h = h if h.stride(-1) == 1 else h.contiguous()
-    wk, wv, input_norm_w = wk.contiguous(), wv.contiguous(), input_norm_w.contiguous()
+    # wk / wv may be strided views (the executor's K and V rows of a fused QKV weight): the kernel
+    # takes both strides, so only the innermost dim must be contiguous (no 2 GB copy per call).
+    wk = wk if wk.stride(-1) == 1 else wk.contiguous()
+    wv = wv if wv.stride(-1) == 1 else wv.contiguous()
+    input_norm_w = input_norm_w.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     # Tokens per tile: >= 16 for tl.dot; up to 64 so a decode step's exits share one weight pass.
     BLOCK_T = min(64, max(16, next_pow2(n)))

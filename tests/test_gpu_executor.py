@@ -1,0 +1,351 @@
+"""The GPU executor on CPU (torch references; one case through the Triton interpreter).
+
+(a) full depth: tokens and logits equal greedy decoding of the dense model, several sequences at once,
+    with chunked prefill and block boundaries;
+(b) every KV policy: the paged cache holds, for every position and layer, exactly what its definition
+    says (recomputed here from the model's own functions), and nothing where the ledger says K/V is owed;
+(c) replay mode makes the same exit decisions as SimExecutor, iteration by iteration;
+(d) preemption and recompute-from-scratch give the same tokens as a run without preemption.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import (as test_kernels)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+from eesim.cost_model import AnalyticalCostModel  # noqa: E402
+from eesim.exit_trace import synthesize_exit_trace  # noqa: E402
+from eesim.gpu.executor import GPUExecutor, run_plans  # noqa: E402
+from eesim.hardware import HARDWARE_PRESETS  # noqa: E402
+from eesim.kernels import HAVE_TRITON  # noqa: E402
+from eesim.model.transformer import EarlyExitLlama, rope_cos_sin  # noqa: E402
+from eesim.model_spec import ModelSpec  # noqa: E402
+from eesim.policies import exit_rule, kv_policy, measure  # noqa: E402
+from eesim.policies.base import ExitRule  # noqa: E402
+from eesim.policies.thresholds import Threshold  # noqa: E402
+from eesim.request import Request, Sequence  # noqa: E402
+from eesim.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from eesim.sim_executor import SimExecutor  # noqa: E402
+
+SPEC = ModelSpec("tiny", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, mlp_size=96, vocab_size=101,
+                 exit_layers=(1, 2, 3), dtype="float32", max_context=128, rope_theta=500.0, norm_eps=1e-6)
+BLOCK = 4
+POLICIES = ("fill", "copy_hidden", "recompute")
+
+
+def make_model(spec=SPEC, seed=0):
+    torch.manual_seed(seed)
+    model = EarlyExitLlama(spec)
+    with torch.no_grad():  # larger-than-init weights so that errors are not hidden by tiny values
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" not in name else 0.2) + (1.0 if "norm" in name else 0.0))
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+class Scripted(ExitRule):
+    """Forced exits: each still-running row leaves with probability p at each exit (seeded)."""
+
+    name = "scripted"
+
+    def __init__(self, p: float = 0.4, seed: int = 0) -> None:
+        self.p = p
+        self.rng = np.random.default_rng(seed)
+
+    def decide(self, confident, active, exit_index):
+        return active & (self.rng.random(active.shape) < self.p)
+
+
+def make_seqs(prompts, output_len, spec=SPEC):
+    out = []
+    for i, pl in enumerate(prompts):
+        toks = tuple(int(t) for t in np.random.default_rng(100 + i).integers(spec.vocab_size, size=pl))
+        out.append(Sequence(Request(i, 0.0, pl, output_len, prompt_tokens=toks)))
+    return out
+
+
+def make_pair(model, rule, policy, num_blocks=64, max_tokens=12, max_seqs=8, spec=SPEC, **kw):
+    kw.setdefault("backend", "torch")
+    ex = GPUExecutor(model, spec, rule, policy, device="cpu", dtype=torch.float32, num_blocks=num_blocks,
+                     block_size=BLOCK, share_weights=False, **kw)
+    sch = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens, block_size=BLOCK),
+                    spec, kv_policy(policy), num_blocks)
+    return ex, sch
+
+
+@torch.no_grad()
+def greedy_dense(model, prompt, n):
+    ids = list(prompt)
+    toks, logits = [], []
+    for _ in range(n):
+        lg = model(torch.tensor([ids])).logits[-1, 0, -1]
+        toks.append(int(lg.argmax()))
+        logits.append(lg)
+        ids.append(toks[-1])
+    return toks, logits
+
+
+# ---- (a) ---------------------------------------------------------------------------------------------
+def test_full_depth_matches_dense_greedy(model):
+    ex, sch = make_pair(model, "full", "fill", keep_logits=True, max_tokens=10)
+    seqs = make_seqs([5, 11, 3, 8], 7)
+    for s in seqs:
+        sch.add(s)
+    emitted = {s.seq_id: [] for s in seqs}
+
+    def grab(plan, outcome):
+        for b, seq in enumerate(plan.seqs):
+            if plan.emits[b]:
+                emitted[seq.seq_id].append(ex.last_logits[b])
+
+    run_plans(sch, ex, on_iteration=grab)
+    assert sch.num_iterations > 8
+    for s in seqs:
+        toks, logits = greedy_dense(model, s.request.prompt_tokens, 7)
+        assert s.output_tokens == toks
+        torch.testing.assert_close(torch.stack(emitted[s.seq_id]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+        assert s.exit_layers == [SPEC.num_layers] * 7
+
+
+# ---- (b) ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def check_cache(ex, sch, seq, policy, atol=1e-4):
+    """Rebuild every position's K/V at every layer from the model's own functions, reading earlier
+    positions' K/V from the paged cache, and compare; owed (position, layer) pairs must be untouched."""
+    model, spec = ex.model, ex.spec
+    L, Hkv, hd = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    n = sch.ledger.length(seq.seq_id)
+    depth = sch.ledger.depths(seq.seq_id)
+    pl = seq.request.prompt_len
+    own = np.array([L if p < pl - 1 else seq.exit_layers[p - pl + 1] for p in range(n)])
+    slots = torch.as_tensor(ex.slots_of(seq, np.arange(n)))
+    kc = ex.k_cache.view(L, -1, Hkv, hd)[:, slots]  # (L, n, Hkv, hd)
+    vc = ex.v_cache.view(L, -1, Hkv, hd)[:, slots]
+    x = model.embed_tokens(torch.tensor([ex.token_at(seq, p) for p in range(n)]))
+    cos, sin = rope_cos_sin(torch.arange(n), hd, spec.rope_theta, torch.float32)
+    checked = 0
+    for li, layer in enumerate(model.layers):
+        for p in range(n):
+            written = depth[p] > li
+            if not written:
+                assert torch.isnan(kc[li, p]).all() and torch.isnan(vc[li, p]).all(), (li, p, "owed but written")
+                continue
+            runs = own[p] > li or policy == "recompute"
+            if runs:
+                h = layer.input_layernorm(x[p:p + 1])[None]
+                k, v = layer.self_attn.kv(h, cos[p:p + 1], sin[p:p + 1])
+            else:  # fill / copy_hidden: projection of the exit hidden state (x[p] stopped changing there)
+                k, v = layer.kv_of_residual(x[p:p + 1][None], cos[p:p + 1], sin[p:p + 1])
+            torch.testing.assert_close(kc[li, p], k[0, :, 0], atol=atol, rtol=1e-4, msg=f"K layer {li} pos {p}")
+            torch.testing.assert_close(vc[li, p], v[0, :, 0], atol=atol, rtol=1e-4, msg=f"V layer {li} pos {p}")
+            checked += 1
+        # advance the positions that ran this layer (their own pass, or a recompute)
+        new_x = x.clone()
+        for p in range(n):
+            if depth[p] > li and (own[p] > li or policy == "recompute"):
+                h = layer.input_layernorm(x[p:p + 1])[None]
+                keys = kc[li, : p + 1].permute(1, 0, 2)[None]
+                vals = vc[li, : p + 1].permute(1, 0, 2)[None]
+                mask = torch.ones(1, p + 1, dtype=torch.bool)
+                out = x[p:p + 1] + layer.self_attn.attend(h, cos[p:p + 1], sin[p:p + 1], keys, vals, mask)[0]
+                new_x[p:p + 1] = out + layer.mlp(layer.post_attention_layernorm(out))
+        x = new_x
+    return checked
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_kv_cache_matches_policy_definition(model, policy):
+    ex, sch = make_pair(model, Scripted(0.35, seed=3), policy, num_blocks=64, max_tokens=10)
+    ex.k_cache.fill_(float("nan"))
+    ex.v_cache.fill_(float("nan"))
+    seqs = make_seqs([6, 9, 4], 40)
+    for s in seqs:
+        sch.add(s)
+    early = 0
+    owed_seen = 0
+    for _ in range(16):
+        plan = sch.schedule()
+        outcome = ex.execute(plan)
+        early += int(((outcome.exit_index < SPEC.num_segments - 1) & plan.can_exit).sum())
+        sch.update(plan, outcome, [0.0])
+        owed_seen = max(owed_seen, sch.ledger.total_owed())
+        assert not any(s.is_finished for s in seqs)
+    assert early >= 10
+    if policy != "fill":
+        assert owed_seen > 0  # the check covers positions still owed
+    total = sum(check_cache(ex, sch, s, policy) for s in seqs)
+    assert total > 100
+
+
+@pytest.mark.parametrize("rule,policy,meas,thr", [
+    (Scripted(0.35, seed=3), "fill", "max_prob", 0.9),
+    (Scripted(0.3, seed=4), "fill", "cosine", 0.9),
+    ("per_sequence", "fill", "max_prob", 0.05),
+    ("full", "copy_hidden", "max_prob", 0.9),
+])
+def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr):
+    """cuda_graphs=True sends pure-decode plans through segments.py (eagerly on CPU): same exits, tokens
+    and K/V cache as the general path, iteration by iteration."""
+    import copy
+
+    pair = [make_pair(model, copy.deepcopy(rule), policy, num_blocks=64, max_tokens=10, measure=meas,
+                      threshold=thr, cuda_graphs=g) for g in (False, True)]
+    for ex, _ in pair:
+        ex.k_cache.fill_(float("nan"))
+        ex.v_cache.fill_(float("nan"))
+    for ex, sch in pair:
+        for s in make_seqs([6, 9, 4, 5], 30):
+            sch.add(s)
+    graphed = 0
+    for _ in range(24):
+        plans = [sch.schedule() for _, sch in pair]
+        graphed += pair[1][0]._graphed_decode_ok(plans[1])
+        outs = [ex.execute(plan) for (ex, _), plan in zip(pair, plans)]
+        for name in ("exit_index", "forced", "tokens"):
+            np.testing.assert_array_equal(getattr(outs[0], name), getattr(outs[1], name))
+        for (_, sch), plan, out in zip(pair, plans, outs):
+            sch.update(plan, out, [0.0])
+    assert graphed >= 10
+    written = ~torch.isnan(pair[0][0].k_cache)
+    assert torch.equal(written, ~torch.isnan(pair[1][0].k_cache))
+    torch.testing.assert_close(pair[1][0].k_cache[written], pair[0][0].k_cache[written], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pair[1][0].v_cache[written], pair[0][0].v_cache[written], atol=1e-5, rtol=1e-5)
+
+
+# ---- (c) ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule,policy,meas,thr", [
+    ("per_sequence", "copy_hidden", "max_prob", 0.6),
+    ("quorum:q=0.5", "recompute", "entropy", Threshold(1.0, decay=True, horizon=16)),
+    ("all_confident", "fill", "cosine", 0.8),
+    ("per_sequence", "fill", "classifier", 0.7),
+])
+def test_replay_matches_sim_executor(model, rule, policy, meas, thr):
+    trace = synthesize_exit_trace(SPEC.num_layers, SPEC.all_exits, 30, seed=5)
+    rule_obj, pol, m = exit_rule(rule), kv_policy(policy), measure(meas)
+    ex, sch = make_pair(model, rule_obj, pol, num_blocks=48, max_tokens=10, measure=m, threshold=thr,
+                        mode="replay", trace=trace)
+    from eesim.policies.thresholds import parse_threshold
+
+    sim = SimExecutor(SPEC, rule_obj, pol, m, parse_threshold(thr, m), trace,
+                      AnalyticalCostModel(SPEC, HARDWARE_PRESETS["h100"]))
+    seqs = make_seqs([5, 7, 3, 9, 6], 9)
+    for i, s in enumerate(seqs):
+        ex.prepare(s, (7 * i) % trace.num_sequences)
+        sch.add(s)
+    early = 0
+    for _ in range(200):
+        if not sch.has_work:
+            break
+        plan = sch.schedule()
+        got, want = ex.execute(plan), sim.execute(plan)
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        np.testing.assert_array_equal(got.forced, want.forced)
+        np.testing.assert_array_equal(got.agrees, want.agrees)
+        for name in ("full_rows", "proj_rows", "recompute_rows", "check_rows", "logit_rows", "syncs"):
+            np.testing.assert_array_equal(getattr(got.work, name), getattr(want.work, name))
+        recorded = want.tokens >= 0
+        np.testing.assert_array_equal(got.tokens[recorded], want.tokens[recorded])
+        assert ((got.tokens >= 0) == plan.emits[None]).all()
+        early += int(((got.exit_index < SPEC.num_segments - 1) & plan.can_exit).sum())
+        sch.update(plan, got, [0.0])
+    assert not sch.has_work
+    if rule != "all_confident":
+        assert early > 0
+
+
+# ---- (d) ---------------------------------------------------------------------------------------------
+def test_preemption_resume_same_tokens(model):
+    prompts = [7, 5, 9, 6]
+    runs = {}
+    for blocks in (64, 9):
+        ex, sch = make_pair(model, "full", "fill", num_blocks=blocks, max_tokens=16)
+        seqs = make_seqs(prompts, 10)
+        for s in seqs:
+            sch.add(s)
+        run_plans(sch, ex)
+        runs[blocks] = ([s.output_tokens for s in seqs], sch.num_preemptions)
+    assert runs[64][1] == 0 and runs[9][1] > 0
+    assert runs[9][0] == runs[64][0]
+
+
+def test_preemption_with_owed_kv(model):
+    """Preempted sequences drop their debts; the run still finishes and every token is emitted."""
+    ex, sch = make_pair(model, Scripted(0.5, seed=1), "recompute", num_blocks=10, max_tokens=16)
+    seqs = make_seqs([7, 5, 9, 6], 8)
+    for s in seqs:
+        sch.add(s)
+    run_plans(sch, ex)
+    assert sch.num_preemptions > 0
+    assert all(len(s.output_tokens) == 8 and min(s.output_tokens) >= 0 for s in seqs)
+
+
+# ---- smaller things ----------------------------------------------------------------------------------
+def test_outcome_shapes_and_work(model):
+    ex, sch = make_pair(model, Scripted(0.5), "copy_hidden")
+    for s in make_seqs([5, 6], 4):
+        sch.add(s)
+    plan = sch.schedule()
+    out = ex.execute(plan)
+    B = plan.batch_size
+    for arr in (out.exit_index, out.forced, out.agrees, out.tokens):
+        assert arr.shape == (1, B)
+    assert out.elapsed.shape == (1,) and out.elapsed[0] > 0
+    assert out.work.full_rows.shape == (1, SPEC.num_segments)
+
+
+def test_subset_of_model_exits(model):
+    """The spec may use fewer exits than the model has heads for (e.g. one fixed exit layer)."""
+    spec = SPEC.with_exits((2,))
+    ex, sch = make_pair(model, Scripted(1.0), "fill", spec=spec)
+    seqs = make_seqs([5, 3], 4)
+    for s in seqs:
+        sch.add(s)
+    run_plans(sch, ex)
+    assert all(s.exit_layers[1:] == [2, 2, 2] for s in seqs)
+
+
+def test_random_model_replay_runs():
+    spec = ModelSpec("tiny-gqa", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=1, mlp_size=96,
+                     vocab_size=97, exit_layers=(2,), dtype="float32", max_context=64)
+    trace = synthesize_exit_trace(4, (2, 4), 10, seed=2)
+    ex = GPUExecutor(None, spec, "per_sequence", "fill", "max_prob", 0.5, mode="replay", trace=trace,
+                     device="cpu", dtype=torch.float32, num_blocks=32, block_size=BLOCK, backend="torch")
+    sch = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, block_size=BLOCK), spec,
+                    kv_policy("fill"), 32)
+    seqs = [Sequence(Request(i, 0.0, 5 + i, 5)) for i in range(3)]
+    for i, s in enumerate(seqs):
+        ex.prepare(s, i)
+        sch.add(s)
+    run_plans(sch, ex)
+    assert all(len(s.output_tokens) == 5 for s in seqs)
+
+
+@pytest.mark.skipif(not HAVE_TRITON or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("policy", ["fill", "copy_hidden"])
+def test_triton_interpreter_matches_torch(policy):
+    """The same run through the Triton kernels (interpreted) and the torch references."""
+    spec = ModelSpec("tiny32", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2, mlp_size=96,
+                     vocab_size=101, exit_layers=(1, 2, 3), dtype="float32", max_context=64, norm_eps=1e-6)
+    model = make_model(spec, seed=4)
+    results = {}
+    for backend in ("torch", "triton"):
+        ex, sch = make_pair(model, Scripted(0.4, seed=2), policy, spec=spec, backend=backend, max_tokens=8)
+        seqs = make_seqs([5, 3], 4, spec)
+        for s in seqs:
+            sch.add(s)
+        run_plans(sch, ex)
+        results[backend] = ([s.output_tokens for s in seqs], [s.exit_layers for s in seqs],
+                            ex.k_cache.clone())
+    assert results["torch"][:2] == results["triton"][:2]
+    torch.testing.assert_close(results["torch"][2], results["triton"][2], atol=1e-4, rtol=1e-4)
