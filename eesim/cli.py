@@ -2,6 +2,7 @@
 
     eesim compare    every exit rule x KV policy on one workload: table, plot, timeline (the main job)
     eesim simulate   one policy pair: per-request and per-iteration tables, summary, timeline
+    eesim execute    one policy pair on the GPU executor (or its CPU fallback): measured, not simulated
     eesim trace      describe an exit trace, or write a synthetic one
     eesim calibrate  certify exit thresholds on a recorded trace (Learn-then-Test); writes measure -> threshold JSON
     eesim sweep      a grid of simulations from a TOML/JSON config: resumable parquet, process pool or Ray
@@ -67,7 +68,7 @@ def _base_config(args: argparse.Namespace):
     from eesim.policies import measure
     from eesim.policies.thresholds import parse_threshold
     from eesim.scheduler import SchedulerConfig
-    from eesim.simulator import SimConfig
+    from eesim.config import SimConfig
     from eesim.workload import load_workload
 
     if args.rate_scale <= 0:
@@ -193,6 +194,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_execute(args: argparse.Namespace) -> int:
+    """Serve the workload on the GPU executor; optionally simulate the same and print the errors."""
+    import pandas as pd
+
+    from eesim.gpu.serve import build_executor, serve
+
+    config, workload, notes = _base_config(args)
+    config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
+    if args.replicas != 1:
+        raise EesimError("eesim execute serves one replica (--replicas 1)")
+    num_blocks = args.num_blocks or 2048
+    executor = build_executor(config, args.mode, num_blocks, args.checkpoint, args.device, args.backend,
+                              cuda_graphs=not args.no_graphs)
+    started = time.perf_counter()
+    result = serve(workload, config, executor)
+    wall = time.perf_counter() - started
+    rows = {"executor (measured)": result}
+    if args.with_simulation:
+        from eesim.simulator import simulate
+
+        rows["simulator (analytical)"] = simulate(workload, replace(config, scheduler=replace(
+            config.scheduler, num_blocks=num_blocks)))
+    summary = pd.DataFrame([r.summary for r in rows.values()])
+    summary.insert(0, "policy", [f"{label}: {result.labels['exit_rule']} + {result.labels['kv_policy']}"
+                                 for label in rows])
+    summary["speedup"] = summary["itl_speedup"] = float("nan")
+    out = Path(args.out)
+    _write_frames(out, {"summary.csv": summary, "requests.parquet": result.requests,
+                        "iterations.parquet": result.iterations})
+    from eesim.comparison import format_table
+
+    _print_table(format_table(summary).drop(columns=["speedup", "ITL speedup"]),
+                 f"eesim execute — {config.model.name}, {args.mode} mode, {result.labels['hardware']}, "
+                 f"{workload.num_requests} requests ({workload.source})")
+    if args.with_simulation:
+        measured, simulated = (r.summary for r in rows.values())
+        errors = {m: simulated[m] / measured[m] - 1 for m in ("throughput_tok_s", "ttft_p50", "ttft_p99",
+                                                             "itl_mean", "itl_p50", "itl_p99", "e2e_mean")}
+        print("simulator vs executor: " + ", ".join(f"{m} {e:+.1%}" for m, e in errors.items()))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out}/summary.csv, requests.parquet, iterations.parquet ({wall:.1f} s of wall time)")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from eesim.exit_trace import read_exit_trace, synthesize_exit_trace
     from eesim.model_spec import model_preset
@@ -235,6 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="exit rule: a registered name, name:key=value (quorum:q=0.75), or module.Class")
     simulate.add_argument("--kv-policy", default="fill", help="KV policy: a registered name or module.POLICY")
     simulate.set_defaults(func=cmd_simulate)
+    execute = sub.add_parser("execute", help="serve one exit rule and KV policy on the GPU executor (measured)")
+    _common(execute)
+    execute.add_argument("--rule", default="all_confident", help="exit rule (as for simulate)")
+    execute.add_argument("--kv-policy", default="fill", help="KV policy (as for simulate)")
+    execute.add_argument("--mode", default="replay", choices=("replay", "model"),
+                         help="replay: random weights at --model's shape, exits from the trace; model: a "
+                              "trained checkpoint's confidences decide")
+    execute.add_argument("--checkpoint", default="", help="checkpoint folder for model mode (traces/small)")
+    execute.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    execute.add_argument("--backend", default=None, help="kernels: auto, triton or torch")
+    execute.add_argument("--no-graphs", action="store_true", help="eager decode, no CUDA graphs")
+    execute.add_argument("--with-simulation", action="store_true",
+                         help="also simulate the same workload and print the simulator's error per metric "
+                              "(meaningful in replay mode on the GPU that --hardware describes)")
+    execute.set_defaults(func=cmd_execute)
     trace = sub.add_parser("trace", help="describe an exit trace, or write a synthetic one")
     trace.add_argument("path", nargs="?", help="exit trace parquet to describe")
     trace.add_argument("--synthesize", metavar="OUT", help="write a synthetic trace for --model")

@@ -45,6 +45,14 @@ class IterationLog:
                               early_exits, forced_exits, work, preempted, list(blocks_used), num_blocks,
                               owed_positions))
 
+    def record(self, replica: int, plan, outcome, start: float, step_ends: list[float], scheduler) -> None:
+        """Log an executed plan (either executor) from its outcome and the scheduler's state after it."""
+        early = ((outcome.exit_index < outcome.work.full_rows.shape[1] - 1) & plan.can_exit).sum(axis=1)
+        owed = scheduler.ledger.total_owed() if scheduler.policy.keeps_hidden_state else 0
+        self.add(replica, plan.index, start, step_ends, plan.batch_size, plan.num_batched_tokens, plan.num_decode,
+                 early, outcome.forced.sum(axis=1), outcome.work, len(plan.preempted), scheduler.blocks_used,
+                 scheduler.allocator.num_blocks, owed)
+
     def frame(self) -> pd.DataFrame:
         if not self._entries:
             return pd.DataFrame(columns=list(ITERATION_COLUMNS))

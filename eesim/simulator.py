@@ -9,44 +9,22 @@ executor.execute(plan)`` -> (simulated time passes by ``outcome.elapsed``) ->
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np
 import simpy
 
+from eesim.config import SimConfig
 from eesim.cost_model import AnalyticalCostModel, CostModel
 from eesim.errors import EesimError
-from eesim.exit_trace import ExitTrace
-from eesim.hardware import HardwareSpec
 from eesim.metrics import ITERATION_COLUMNS, IterationLog, SimResult, build_result
-from eesim.model_spec import ModelSpec
 from eesim.policies import exit_rule, kv_policy, measure
-from eesim.policies.base import ExitRule, Measure
-from eesim.policies.thresholds import Threshold, parse_threshold
-from eesim.kv_policy import KVPolicy
+from eesim.policies.thresholds import parse_threshold
 from eesim.request import Sequence
 from eesim.router import make_router
-from eesim.scheduler import Scheduler, SchedulerConfig
+from eesim.scheduler import Scheduler
 from eesim.sim_executor import SimExecutor
 from eesim.workload import Workload
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    model: ModelSpec
-    hardware: HardwareSpec
-    trace: ExitTrace
-    exit_rule: ExitRule | str = "all_confident"
-    kv_policy: KVPolicy | str = "fill"
-    measure: Measure | str = "max_prob"
-    threshold: Threshold | float | str = 0.9
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    replicas: int = 1
-    router: str = "round_robin"
-    seed: int = 0
-    keep_work: int = 2000  # iterations per replica whose full work record is kept (timeline detail)
-    max_run_steps: int = 256  # decode steps of an unchanged batch simulated in one go (1: step by step)
 
 
 class ReplicaSim:
@@ -62,7 +40,6 @@ class ReplicaSim:
         self.next_arrival = next_arrival  # shared with the arrival process: [time of the next arrival]
         self.work_log: list = []
         self._wake: simpy.Event | None = None
-        self._last_segment = scheduler.model.num_segments - 1
         self.process = env.process(self.run())
 
     @property
@@ -99,16 +76,9 @@ class ReplicaSim:
             self._record(plan, outcome, start, step_ends)
 
     def _record(self, plan, outcome, start: float, step_ends: list[float]) -> None:
-        """One log entry per executed plan; metrics.IterationLog expands it to one row per step."""
-        work = outcome.work
-        scheduler = self.scheduler
-        early = ((outcome.exit_index < self._last_segment) & plan.can_exit).sum(axis=1)
-        owed = scheduler.ledger.total_owed() if scheduler.policy.keeps_hidden_state else 0
-        self.log.add(self.index, plan.index, start, step_ends, plan.batch_size, plan.num_batched_tokens,
-                     plan.num_decode, early, outcome.forced.sum(axis=1), work, len(plan.preempted),
-                     scheduler.blocks_used, scheduler.allocator.num_blocks, owed)
+        self.log.record(self.index, plan, outcome, start, step_ends, self.scheduler)
         if plan.index < self.keep_work:
-            self.work_log.append((plan.index, [start, *step_ends[:-1]], step_ends, work))
+            self.work_log.append((plan.index, [start, *step_ends[:-1]], step_ends, outcome.work))
 
 
 def simulate(workload: Workload, config: SimConfig, cost_model: CostModel | None = None) -> SimResult:

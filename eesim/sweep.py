@@ -238,7 +238,7 @@ def build_run(cell: dict, keep_work: int = 0):
     from eesim.hardware import hardware_preset
     from eesim.policies import exit_rule, kv_policy, measure
     from eesim.scheduler import SchedulerConfig
-    from eesim.simulator import SimConfig
+    from eesim.config import SimConfig
 
     c = cell if "rule" in cell else canonical_cell(cell)
     rule, kv = exit_rule(c["rule"]), kv_policy(c["kv_policy"])

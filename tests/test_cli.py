@@ -106,3 +106,30 @@ def test_readme_policy_example_runs_unchanged(tmp_path, monkeypatch, llama7b):
     rule = exit_rule("my_rules.NotBefore:min_exit=3")
     exit_index, _ = rule.decide_all(np.ones((1, 4, len(llama7b.exit_layers)), bool), np.ones(4, bool))
     assert (exit_index == 3).all()  # confident everywhere, yet nobody leaves before exit 3
+
+
+@pytest.mark.parametrize("mode", ["replay", "model"])
+def test_execute_serves_on_the_cpu_executor(tmp_path, mode):
+    args = ["execute", "--model", "small", "--mode", mode, "--device", "cpu", "--backend", "torch",
+            "--workload", "poisson:rate=3,duration=3", "--max-requests", "4", "--rule", "per_sequence",
+            "--kv-policy", "copy_hidden",
+            "--threshold", "0.5", "--max-batched-tokens", "256", "--out", str(tmp_path), "--quiet"]
+    if mode == "model":
+        args += ["--checkpoint", str(REPO / "traces" / "small")]
+    else:
+        args += ["--with-simulation"]
+    assert main(args) == 0
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    iterations = pd.read_parquet(tmp_path / "iterations.parquet")
+    assert len(requests) > 0 and (requests["output_len"] > 0).all()
+    assert (iterations["end"] > iterations["start"]).all()
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert len(summary) == (2 if mode == "replay" else 1)
+    if mode == "replay":  # exits come from the trace, as in the simulator: same exit layers per token
+        assert summary["mean_layers"].iloc[0] == pytest.approx(summary["mean_layers"].iloc[1])
+
+
+def test_execute_model_mode_needs_a_matching_checkpoint(tmp_path):
+    result = run_cli("execute", "--model", "llama2-7b", "--mode", "model", "--checkpoint", "traces/small",
+                     "--device", "cpu", "--workload", "poisson:rate=3,duration=3", "--out", str(tmp_path))
+    assert result.returncode == 2 and "run with --model small" in result.stderr

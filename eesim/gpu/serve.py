@@ -1,0 +1,98 @@
+"""Serve a workload on the GPU executor through the shared scheduler, on the executor's own clock.
+
+The clock advances by each iteration's measured time; a request joins the waiting queue once the
+clock has passed its arrival, and an idle executor jumps to the next arrival. This is the simulator's
+loop with measured instead of priced iterations (and without SimPy, which the GPU machine may lack),
+so its results compare with ``simulate`` on the same workload and configuration request by request:
+each request replays the same recorded generation in both (same seed, same assignment).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from eesim.config import SimConfig
+from eesim.errors import EesimError
+from eesim.gpu.executor import GPUExecutor
+from eesim.metrics import IterationLog, SimResult, build_result
+from eesim.policies import exit_rule, kv_policy, measure
+from eesim.policies.thresholds import parse_threshold
+from eesim.request import Sequence
+from eesim.scheduler import Scheduler
+from eesim.workload import Workload
+
+
+def build_executor(config: SimConfig, mode: str, num_blocks: int, checkpoint: str | None = None,
+                   device: str | None = None, backend: str | None = None, cuda_graphs: bool = True) -> GPUExecutor:
+    """A GPU executor for ``config``: ``replay`` builds random weights at the config's model shape and
+    takes exits from the config's trace; ``model`` loads ``checkpoint`` and lets its confidences decide."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if mode == "model":
+        from eesim.model.checkpoint import load_checkpoint
+
+        if not checkpoint:
+            raise EesimError("model mode needs a checkpoint (--checkpoint traces/small)")
+        model = load_checkpoint(checkpoint, dtype=dtype, device=device)
+        spec = model.spec
+        if spec.num_layers != config.model.num_layers or spec.exit_layers != config.model.exit_layers:
+            raise EesimError(f"checkpoint {checkpoint} is {spec.name!r} ({spec.num_layers} layers, exits "
+                             f"{list(spec.exit_layers)}); run with --model {spec.name}")
+    elif mode == "replay":
+        model, spec = None, config.model  # the executor builds random weights of that shape on the device
+    else:
+        raise EesimError(f"unknown executor mode {mode!r}; choose replay or model")
+    return GPUExecutor(model, spec, exit_rule(config.exit_rule), kv_policy(config.kv_policy),
+                       measure(config.measure), parse_threshold(config.threshold, measure(config.measure)),
+                       mode=mode, trace=config.trace, device=device, dtype=dtype, num_blocks=num_blocks,
+                       block_size=config.scheduler.block_size, backend=backend, cuda_graphs=cuda_graphs,
+                       seed=config.seed)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iterations: int = 1_000_000
+          ) -> SimResult:
+    """Serve ``workload`` on one replica; returns the same tables as ``simulate`` (times measured)."""
+    if config.replicas != 1:
+        raise EesimError("the GPU executor serves one replica; run one process per GPU for more")
+    policy = kv_policy(config.kv_policy)
+    scheduler = Scheduler(replace(config.scheduler, num_blocks=executor.num_blocks), config.model, policy,
+                          executor.num_blocks)
+    sequences = [Sequence(request) for request in workload.requests]
+    # the simulator's assignment of requests to recorded generations, so both replay the same tokens
+    trace_sequences = np.random.default_rng(config.seed).integers(config.trace.num_sequences, size=len(sequences))
+    log = IterationLog()
+    clock, arrived = 0.0, 0
+    for _ in range(max_iterations):
+        while arrived < len(sequences) and sequences[arrived].request.arrival_time <= clock:
+            executor.prepare(sequences[arrived], int(trace_sequences[arrived]))
+            scheduler.add(sequences[arrived])
+            arrived += 1
+        if not scheduler.has_work:
+            if arrived == len(sequences):
+                break
+            clock = sequences[arrived].request.arrival_time  # idle until the next request
+            continue
+        plan = scheduler.schedule(clock)
+        outcome = executor.execute(plan)
+        end = clock + float(outcome.elapsed[0])
+        scheduler.update(plan, outcome, [end])
+        log.record(0, plan, outcome, clock, [end], scheduler)
+        clock = end
+    else:
+        raise RuntimeError("serve: iteration limit reached with work pending")
+    labels = {"exit_rule": repr(exit_rule(config.exit_rule)), "kv_policy": policy.name,
+              "measure": measure(config.measure).name, "threshold": str(config.threshold),
+              "model": config.model.name, "hardware": f"measured on {device_name(executor.device)}", "replicas": 1,
+              "router": "-", "seed": config.seed, "workload": workload.source,
+              "exit_layers": list(config.model.all_exits)}
+    return build_result(sequences, log.frame(), config.model, labels)
