@@ -334,7 +334,7 @@ def calibration_curve(trace="default", measures=None, epsilon: float = 0.05, del
 # ---- the calibrated-threshold file ------------------------------------------------------------------
 def write_calibrated(path, table: pd.DataFrame, extra: dict | None = None) -> Path:
     """Write ``{measure: threshold or null, ..., "_calibration": {...}}`` atomically."""
-    from eesim.timeline import write_atomic
+    from eesim.atomic import write_atomic
 
     path = Path(path)
     data: dict = {row.measure: (float(row.threshold) if row.certified else None) for row in table.itertuples()}

@@ -110,7 +110,7 @@ def _describe(config, workload) -> str:
 
 
 def _write_frames(out: Path, frames: dict) -> None:
-    from eesim.timeline import write_atomic
+    from eesim.atomic import write_atomic
 
     for name, frame in frames.items():
         if name.endswith(".csv"):

@@ -17,7 +17,7 @@ from rich.progress import Progress
 from eesim.metrics import SimResult
 from eesim.policies import EXIT_RULES, KV_POLICIES, exit_rule
 from eesim.simulator import SimConfig, simulate
-from eesim.timeline import write_atomic
+from eesim.atomic import write_atomic
 from eesim.workload import Workload
 
 TABLE_COLUMNS = {

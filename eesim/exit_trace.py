@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -43,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eesim.atomic import atomic_path
 from eesim.errors import EesimError, require
 
 SCHEMA_VERSION = 1
@@ -220,20 +220,12 @@ class ExitTrace:
         return _frame_to_trace(df, metadata, where)
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then os.replace (no half-written traces)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (no half-written traces), zstd-compressed."""
         table = pa.table(self._columns(), schema=SCHEMA)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(self.metadata).encode()})
-        # our own unique name rather than mkstemp, whose 0600 mode would stick to the final file
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return Path(path)
 
 
 def _first(mask: np.ndarray) -> int:

@@ -357,7 +357,7 @@ class ResultStore:
     def add(self, row: dict) -> None:
         self.rows[row["cell"]] = row
         if self.path is not None:
-            from eesim.timeline import write_atomic
+            from eesim.atomic import write_atomic
 
             buffer = io.BytesIO()
             self.frame().to_parquet(buffer, index=False)
@@ -371,7 +371,6 @@ class ResultStore:
 def _add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
     """speedup / itl_speedup against the ``full`` run with the same non-policy settings (NaN without one)."""
     import numpy as np
-    import pandas as pd
     frame = frame.copy()
     frame["speedup"] = frame["itl_speedup"] = np.nan
     if frame.empty or "rule" not in frame:
@@ -601,7 +600,7 @@ def cmd_goodput(args: argparse.Namespace) -> int:
                          if v is not None)
     _print_frame(frame, _varying(frame, GOODPUT_TABLE), f"eesim goodput — {args.config}: highest rate with {goals}")
     if args.out:
-        from eesim.timeline import write_atomic
+        from eesim.atomic import write_atomic
 
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from eesim.atomic import write_atomic
 from eesim.metrics import SimResult
 
 US = 1e6
@@ -83,17 +83,3 @@ def write_timeline(path: str | os.PathLike, results: dict[str, SimResult], max_i
     payload = {"traceEvents": timeline_events(results, max_iterations), "displayTimeUnit": "ms"}
     write_atomic(path, json.dumps(payload).encode())
     return path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so no half-written file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

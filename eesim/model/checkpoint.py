@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from eesim.atomic import atomic_path, write_atomic
 from eesim.errors import EesimError, require
 from eesim.model.transformer import EarlyExitLlama, ExitClassifier
 from eesim.model_spec import DTYPE_BYTES, ModelSpec
@@ -41,10 +41,9 @@ def save_checkpoint(model: EarlyExitLlama, out_dir: str | Path, dtype: str = "fl
              if not (model.spec.tied_embeddings and k == "lm_head.weight")}
     config = {"format_version": FORMAT_VERSION, "spec": _spec_fields(model.spec), "head": model.head_kind,
               "storage_dtype": dtype, "tokenizer": tokenizer or {}, **(extra or {})}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
 

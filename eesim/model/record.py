@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from eesim.errors import EesimError, require
+from eesim.exit_trace import SCHEMA, ExitTrace
 from eesim.model.checkpoint import TOKENIZER_FILE, load_checkpoint, read_config
 from eesim.model.confidence import all_measures, max_prob
 from eesim.model.corpus import read_text, split_corpus
@@ -30,11 +28,7 @@ from eesim.model.tokenizer import encode_texts, load_tokenizer
 from eesim.model.transformer import EarlyExitLlama, StepOutput, greedy_generate
 
 SCHEMA_VERSION = 1
-TRACE_SCHEMA = pa.schema([
-    ("seq_id", pa.int32()), ("prompt_len", pa.int32()), ("token_index", pa.int32()), ("exit_layer", pa.int16()),
-    ("max_prob", pa.float32()), ("margin", pa.float32()), ("entropy", pa.float32()), ("cosine", pa.float32()),
-    ("classifier", pa.float32()), ("argmax", pa.int32()), ("agrees", pa.bool_()),
-])
+TRACE_SCHEMA = SCHEMA  # the exit-trace schema (eesim/exit_trace.py), column for column
 
 
 def heldout_tokens(ckpt_dir: str | Path, max_files: int = 400, roots: list[tuple[str, Path]] | None = None
@@ -110,15 +104,8 @@ def record_traces(model: EarlyExitLlama, batches: list[tuple[torch.Tensor, int]]
 
 
 def write_trace(df: pd.DataFrame, path: str | Path, meta: dict) -> Path:
-    """Write with the exact trace schema and ``eesim`` metadata, atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, schema=TRACE_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata({"eesim": json.dumps(meta)})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    """Write through the trace reader's own validation and writer (exact schema, atomic)."""
+    return ExitTrace.from_frame(df, meta, where=f"recorded trace for {path}").write(path)
 
 
 @torch.no_grad()
@@ -131,7 +118,6 @@ def evaluate_kv_policies(model: EarlyExitLlama, prompts: list[tuple[torch.Tensor
     the policy's KV error; ``free_run_agreement``: the model feeds itself, so errors compound;
     ``free_run_prefix``: share of tokens before the first divergence.
     """
-    spec = model.spec
     refs = []
     for prompt, n in prompts:
         for row in prompt:
