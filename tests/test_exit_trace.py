@@ -67,7 +67,7 @@ def test_write_read_round_trip(tmp_path):
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     path = small_trace(seed=1).write(tmp_path / "t.parquet")
 
-    def broken_write(table, where):
+    def broken_write(table, where, **kwargs):
         with open(where, "wb") as f:
             f.write(b"half a file")
         raise OSError("disk full")
