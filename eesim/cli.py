@@ -4,6 +4,7 @@
     eesim simulate   one policy pair: per-request and per-iteration tables, summary, timeline
     eesim execute    one policy pair on the GPU executor (or its CPU fallback): measured, not simulated
     eesim trace      describe an exit trace, or write a synthetic one
+    eesim profile    measure the GPU executor's components into a parquet profile (resumable)
     eesim calibrate  certify exit thresholds on a recorded trace (Learn-then-Test); writes measure -> threshold JSON
     eesim sweep      a grid of simulations from a TOML/JSON config: resumable parquet, process pool or Ray
     eesim goodput    the highest request rate per policy that meets TTFT / inter-token latency objectives
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate_cli.add_cli(sub)
     sweep_cli.add_cli(sub)  # registers both `sweep` and `goodput`
+    from eesim import profiler as profiler_cli
+
+    profiler_cli.add_cli(sub)
     for name, module in (("train", "eesim.model.train"), ("record", "eesim.model.record")):
         p = sub.add_parser(name, help=f"see python -m {module} --help", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

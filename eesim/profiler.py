@@ -1,0 +1,560 @@
+"""``eesim profile``: measure the GPU executor's iteration-time components for one model shape.
+
+The profiler drives the real ``GPUExecutor`` (random weights at the shape, or a checkpoint) with
+synthetic plans written by a real ``Scheduler`` holding sequences at chosen context lengths, and times
+``execute`` with CUDA events (``perf_counter`` on the CPU, where the timings mean nothing): warm-up
+runs first, then ``repeats`` timed runs; median and quartiles go to the profile (profile_data.py).
+
+Components (coordinates in brackets; policy fill unless said; every decode row may exit):
+  decode     [layers, batch, context]  a decode step of ``batch`` rows at ``context`` positions each. At
+             layers = L the full-depth rule (no check; one graph plus the final head); at an exit layer e
+             a rule that forces every row out at e: the checks at every exit up to e, then the fill of
+             the L - e skipped layers. (The cost model takes the checks and the fill back out.)
+  check      [batch, context, checks]  S - 1 exits checked, nobody leaves (head, measure, host sync each);
+             its difference to decode at layers = L is the cost of the checks
+  check_eager  the same under copy_hidden (the executor's general path, as every non-fill policy takes)
+  fill       [layers skipped, batch rows]  one ``fused_fill`` launch as the executor issues it
+  prefill    [tokens, context]  one prompt chunk of ``tokens`` after ``context`` cached positions, full rule
+  mixed      [batch, tokens, checks]  ``batch`` decode rows at ``mixed_context`` plus a chunk of ``tokens``
+             at position 0; checks 0 (full rule) or S - 1 (checked, nobody leaves)
+  proj       [layers, batch, tokens]  copy_hidden: ``tokens`` owed positions ride along in the K/V
+             projection of the last ``layers`` layers of a full-depth decode step of ``batch`` rows at
+             ``owed_context``
+  recompute  [layers, batch, tokens]  recompute: ``tokens`` owed positions re-run the last ``layers``
+             layers beside their rows
+  schedule   [batch]  host seconds of ``Scheduler.schedule`` for ``batch`` running decode sequences
+  fixed      []  the smallest iteration: one row, 16 positions, full depth
+
+The file is rewritten atomically after each grid point; a rerun skips the points already in it (it
+refuses a file of another model shape). The import path stays free of simpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from eesim.errors import EesimError, require
+from eesim.profile_data import (COORDS, Profile, empty_frame, environment, read_profile, shape_key, shape_name,
+                                spec_to_meta, write_profile)
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "traces" / "profiles"
+
+
+@dataclass
+class ProfileGrid:
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    contexts: tuple[int, ...] = (16, 128, 512, 1024, 2048, 4096)
+    decode_layers: tuple[int, ...] = ()  # () : every exit layer and the last
+    chunks: tuple[int, ...] = (16, 64, 256, 1024, 2048)
+    prefill_contexts: tuple[int, ...] = (0, 512, 2048)
+    mixed_batches: tuple[int, ...] = (1, 8, 32, 128)
+    mixed_chunks: tuple[int, ...] = (64, 512, 2048)
+    mixed_context: int = 512
+    check_context: int = 512
+    owed_rows: tuple[int, ...] = (1, 8, 32, 128)
+    owed_batch: int = 8
+    owed_context: int = 512
+    components: tuple[str, ...] = ("schedule", "fixed", "decode", "check", "check_eager", "fill", "prefill", "mixed",
+                                   "proj", "recompute")
+    warmup: int = 2
+    repeats: int = 7
+
+    def to_meta(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+GRIDS = {
+    "default": ProfileGrid(),
+    # the held-out grid of benchmarks/cost_model_accuracy.py: between the default grid's points
+    "offset": ProfileGrid(batches=(3, 6, 12, 24, 48, 96), contexts=(64, 256, 768, 1536, 3072),
+                          decode_layers=(), chunks=(32, 128, 512, 1536), prefill_contexts=(256, 1024),
+                          mixed_batches=(4, 16, 64), mixed_chunks=(128, 1024), owed_rows=(4, 16, 64),
+                          components=("decode", "check", "prefill", "mixed")),
+    # a few points (the CPU tests; timings meaningless)
+    "tiny": ProfileGrid(batches=(1, 4), contexts=(16, 64), chunks=(16, 48), prefill_contexts=(0, 32),
+                        mixed_batches=(2,), mixed_chunks=(16,), mixed_context=32, check_context=32, owed_rows=(2,),
+                        owed_batch=2, owed_context=32, warmup=1, repeats=2),
+}
+
+
+def _rules():
+    from eesim.policies.base import ExitRule
+
+    class ExitAt(ExitRule):
+        """Every decode row leaves at exit index ``k`` whatever its confidence."""
+
+        name = "exit_at"
+
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def decide(self, confident, active, exit_index):
+            return active.copy() if exit_index == self.k else np.zeros_like(active)
+
+    class NeverExit(ExitRule):
+        """Checks every exit (head, measure, host sync) but lets nobody leave."""
+
+        name = "never_exit"
+
+        def decide(self, confident, active, exit_index):
+            return np.zeros_like(active)
+
+    return ExitAt, NeverExit
+
+
+class Profiler:
+    """Measures one shape's components on one executor; results accumulate in ``self.frame``."""
+
+    def __init__(self, spec, executor, grid: ProfileGrid, out: str | Path | None, meta: dict,
+                 progress: bool = True, time_limit: float = 0.0) -> None:
+        import torch
+
+        self.torch = torch
+        self.spec = spec
+        self.ex = executor
+        self.grid = grid
+        self.out = Path(out) if out else None
+        self.meta = meta
+        self.progress = progress
+        self.time_limit = time_limit
+        self.frame = empty_frame()
+        self.done: set[tuple] = set()
+        self.works: dict[tuple, object] = {}  # point -> IterationWork of its last run (the accuracy benchmark)
+        self.skipped: list[str] = []
+        self.cuda = executor.device.type == "cuda"
+        if self.out is not None and self.out.exists():
+            old = read_profile(self.out)
+            if shape_key(old.model) != shape_key(spec):
+                raise EesimError(f"profile {str(self.out)!r} is for shape {old.model.name!r} "
+                                 f"({old.model.num_layers} layers, d={old.model.hidden_size}, exits "
+                                 f"{list(old.model.exit_layers)}), not {spec.name!r}: choose another --out")
+            self.frame = old.frame
+            self.done = old.done()
+        self.capacity = executor.num_blocks * executor.block_size  # KV positions the cache holds
+
+    # ---- plans -----------------------------------------------------------------------------------
+    def state(self, decode_contexts: list[int], prefill: tuple[int, int] | None = None):
+        """A scheduler holding decode sequences (``ctx - 1`` positions cached at full depth, the next to
+        compute) and optionally one prompt (``p`` positions cached, a chunk of ``n``); and its plan."""
+        from eesim.request import Request, Sequence, Status
+        from eesim.scheduler import Scheduler, SchedulerConfig
+
+        ex, spec = self.ex, self.spec
+        rows = len(decode_contexts) + (prefill[1] if prefill else 0)
+        sched = Scheduler(SchedulerConfig(max_num_seqs=len(decode_contexts) + 1, max_num_batched_tokens=max(rows, 1),
+                                          block_size=ex.block_size), spec, ex.policy, ex.num_blocks)
+        for i, ctx in enumerate(decode_contexts):
+            seq = Sequence(Request(i, 0.0, ctx - 1, 1 << 20))
+            seq.num_computed, seq.num_generated = ctx - 1, 1
+            seq.output_tokens = [i % spec.vocab_size]
+            seq.blocks = sched.allocator.allocate(i, sched.allocator.blocks_for(ctx))
+            seq.status = Status.RUNNING
+            sched.ledger.add(i, ctx + 1)
+            sched.ledger.record(i, 0, ctx - 1, spec.num_layers)
+            sched.running.append(seq)
+        if prefill is not None:
+            p, n = prefill
+            i = len(decode_contexts)
+            seq = Sequence(Request(i, 0.0, p + n, 4))
+            seq.num_computed = p
+            seq.blocks = sched.allocator.allocate(i, sched.allocator.blocks_for(max(p, 1)))
+            seq.status = Status.RUNNING
+            sched.ledger.add(i, p + n + 4)
+            if p:
+                sched.ledger.record(i, 0, p, spec.num_layers)
+            sched.running.append(seq)
+        plan = sched.schedule()
+        return sched, plan
+
+    def fits(self, positions: int, rows: int = 1) -> bool:
+        bs = self.ex.block_size
+        if positions > rows * self.spec.max_context:
+            return False
+        return rows * bs + positions + bs <= self.capacity
+
+    # ---- timing ----------------------------------------------------------------------------------
+    def time_plan(self, plan, owed=None):
+        ex = self.ex
+        if owed is not None:
+            plan.owed = owed
+        times, out = [], None
+        for i in range(self.grid.warmup + self.grid.repeats):
+            out = ex.execute(plan)
+            if i >= self.grid.warmup:
+                times.append(float(out.elapsed[0]))
+        return times, out.work
+
+    def time_call(self, fn):
+        torch = self.torch
+        times = []
+        for i in range(self.grid.warmup + self.grid.repeats):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                t = a.elapsed_time(b) / 1e3
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t = time.perf_counter() - t0
+            if i >= self.grid.warmup:
+                times.append(t)
+        return times
+
+    def record(self, point: tuple, times: list[float], work=None) -> None:
+        import pandas as pd
+
+        q25, q50, q75 = np.percentile(times, [25, 50, 75])
+        row = dict(zip(("component", *COORDS), point))
+        row.update(median_s=float(q50), p25_s=float(q25), p75_s=float(q75), repeats=len(times))
+        self.frame = pd.concat([self.frame, pd.DataFrame([row])], ignore_index=True) if len(self.frame) \
+            else pd.DataFrame([row]).astype(self.frame.dtypes.to_dict())
+        self.done.add(point)
+        if work is not None:
+            self.works[point] = work
+        if self.out is not None:
+            write_profile(self.out, self.frame, self.meta)
+
+    # ---- the sweep -------------------------------------------------------------------------------
+    def points(self) -> list[tuple]:
+        """Every grid point of the enabled components, in measuring order (grouped by executor setting)."""
+        g, spec = self.grid, self.spec
+        L, S = spec.num_layers, spec.num_segments
+        exits = spec.all_exits
+        layers = g.decode_layers or exits
+        pts = []
+        comps = g.components
+        if "schedule" in comps:
+            pts += [("schedule", 0, b, 0, 0, 0) for b in g.batches]
+        if "fixed" in comps:
+            pts.append(("fixed", L, 1, 16, 0, 0))
+        if "decode" in comps and L in layers:  # full depth first (the checks are priced against it)
+            pts += [("decode", L, b, c, 0, 0) for b in g.batches for c in g.contexts if self.fits(b * c, b)]
+        if "check" in comps and S > 1:
+            pts += [("check", L, b, g.check_context, 0, S - 1) for b in g.batches
+                    if self.fits(b * g.check_context, b)]
+        if "check_eager" in comps and S > 1:
+            pts += [("check_eager", L, b, g.check_context, 0, S - 1) for b in g.batches
+                    if self.fits(b * g.check_context, b)]
+        if "fill" in comps and S > 1:
+            pts += [("fill", L - e, b, 0, 0, 0) for e in spec.exit_layers for b in g.batches]
+        if "prefill" in comps:
+            pts += [("prefill", L, 0, p, n, 0) for n in g.chunks for p in g.prefill_contexts
+                    if p + n <= spec.max_context and self.fits(p + n)]
+        if "mixed" in comps:
+            for k in ((0, S - 1) if S > 1 else (0,)):
+                pts += [("mixed", L, d, g.mixed_context, n, k) for d in g.mixed_batches for n in g.mixed_chunks
+                        if self.fits(d * g.mixed_context + n, d + 1)]
+        for comp in ("proj", "recompute"):
+            if comp in comps and S > 1:
+                depths = sorted({spec.exit_layers[0], spec.exit_layers[len(spec.exit_layers) // 2],
+                                 spec.exit_layers[-1]})
+                pts += [(comp, L - d, g.owed_batch, g.owed_context, m, 0) for d in depths for m in g.owed_rows
+                        if m < g.owed_batch * (g.owed_context - 1) and self.fits(g.owed_batch * g.owed_context,
+                                                                                 g.owed_batch)]
+        if "decode" in comps:  # the exit layers last: one configure per layer
+            for e in sorted(x for x in layers if x != L):
+                pts += [("decode", e, b, c, 0, 0) for b in g.batches for c in g.contexts if self.fits(b * c, b)]
+        return pts
+
+    def run(self) -> Profile:
+        todo = [p for p in self.points() if p not in self.done]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"profile {self.spec.name}", unit="pt", dynamic_ncols=True)
+        started = time.perf_counter()
+        setting = None
+        try:
+            for point in todo:
+                if self.time_limit and time.perf_counter() - started > self.time_limit:
+                    self.skipped.append(f"time limit of {self.time_limit:.0f} s reached with "
+                                        f"{len(todo) - (bar.n if bar else 0)} points left (rerun to resume)")
+                    break
+                setting = self.measure(point, setting)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{point[0]} {point[1:]}")
+        finally:
+            if bar is not None:
+                bar.close()
+        return Profile(self.frame, self.meta, str(self.out or ""))
+
+    def _configure(self, setting, want):
+        if setting != want:
+            rule, policy = want
+            self.ex.configure(self.spec, rule, policy, "max_prob", 0.9, "model", None)
+        return want
+
+    def measure(self, point: tuple, setting):
+        """Measure one grid point; returns the executor setting it left in place."""
+        comp, layers, batch, ctx, tokens, checks = point
+        spec, ex = self.spec, self.ex
+        L, S = spec.num_layers, spec.num_segments
+        ExitAt, NeverExit = _rules()
+        if comp == "schedule":
+            times = []
+            for i in range(self.grid.warmup + max(self.grid.repeats, 5)):
+                sched, _ = self.state([512] * batch) if self.fits(512 * batch, batch) else self.state([16] * batch)
+                t0 = time.perf_counter()
+                sched.schedule()
+                if i >= self.grid.warmup:
+                    times.append(time.perf_counter() - t0)
+            self.record(point, times)
+            return setting
+        if comp in ("fixed", "decode"):
+            k = spec.all_exits.index(layers)
+            want = ("full", "fill") if layers == L else (f"exit_at:{k}", "fill")
+            if setting != want:
+                rule = "full" if layers == L else ExitAt(k)
+                ex.configure(spec, rule, "fill", "max_prob", 0.9, "model", None)
+                setting = want
+            _, plan = self.state([ctx] * batch)
+            times, work = self.time_plan(plan)
+            self.record(point, times, work)
+            return setting
+        if comp in ("check", "check_eager"):
+            want = ("never", "fill" if comp == "check" else "copy_hidden")
+            if setting != want:
+                ex.configure(spec, NeverExit(), want[1], "max_prob", 0.9, "model", None)
+                setting = want
+            _, plan = self.state([ctx] * batch)
+            times, work = self.time_plan(plan)
+            self.record(point, times, work)
+            return setting
+        if comp == "fill":
+            self.record(point, self.time_call(self._fill_call(batch, L - layers)))
+            return setting
+        if comp in ("prefill", "mixed"):
+            want = ("full" if checks == 0 else "never", "fill")
+            if setting != want:
+                ex.configure(spec, "full" if checks == 0 else NeverExit(), "fill", "max_prob", 0.9, "model", None)
+                setting = want
+            if comp == "prefill":
+                _, plan = self.state([], (ctx, tokens))
+            else:
+                _, plan = self.state([ctx] * batch, (0, tokens))
+            times, work = self.time_plan(plan)
+            self.record(point, times, work)
+            return setting
+        if comp in ("proj", "recompute"):
+            policy = "copy_hidden" if comp == "proj" else "recompute"
+            want = ("full", policy)
+            if setting != want:
+                ex.configure(spec, "full", policy, "max_prob", 0.9, "model", None)
+                setting = want
+            _, plan = self.state([ctx] * batch)
+            depth = L - layers
+            owed = [[] for _ in range(batch)]
+            for j in range(tokens):  # owed positions spread over the rows, the most recent first
+                b = j % batch
+                owed[b].append((ctx - 2 - j // batch, depth))
+            owed = [sorted(o) for o in owed]
+            times, work = self.time_plan(plan, owed)
+            self.record(point, times, work)
+            return setting
+        raise EesimError(f"profile: unknown component {comp!r}")
+
+    def _fill_call(self, rows: int, exit_layer: int):
+        from eesim.kernels import fused_fill
+
+        torch, ex, spec = self.torch, self.ex, self.spec
+        dev = ex.device
+        h = torch.randn(rows, spec.hidden_size, device=dev, dtype=ex.dtype)
+        layer = np.full(rows, exit_layer)
+        pos = np.arange(rows) % max(spec.max_context - 1, 1)
+        slots = np.arange(rows) % self.capacity
+        w = ex.weights
+
+        def call():
+            ints = torch.as_tensor(np.stack([layer, pos, slots]), device=dev)  # one copy, as the executor does
+            fused_fill(h, ints[0].to(torch.int32), ints[1], ints[2], w.ln1, w.wk, w.wv, ex.eps, ex.cos, ex.sin,
+                       ex.k_cache, ex.v_cache, backend=ex.backend)
+        return call
+
+
+# ---- set-up --------------------------------------------------------------------------------------
+
+def resolve_model(name: str, device, dtype):
+    """(spec, model or None): a preset name (random weights) or a checkpoint folder."""
+    from eesim.model_spec import MODEL_PRESETS, ModelSpec
+
+    path = Path(name)
+    if path.is_dir():
+        from eesim.model.checkpoint import load_checkpoint
+
+        model = load_checkpoint(path, dtype=dtype, device=device)
+        return model.spec, model
+    if name not in MODEL_PRESETS:
+        raise EesimError(f"profile: {name!r} is neither a model preset ({sorted(MODEL_PRESETS)}) nor a checkpoint folder")
+    spec = MODEL_PRESETS[name]
+    return spec, None
+
+
+def build_executor(spec, model, device, dtype, grid: ProfileGrid, headroom_gb: float, backend=None,
+                   cuda_graphs: bool | None = None, max_positions: int = 0, block_size: int = 16):
+    """An executor whose KV cache holds what the grid needs, as far as memory allows."""
+    import torch
+
+    from eesim.gpu.executor import GPUExecutor
+    from eesim.gpu.weights import build_random_model
+
+    device = torch.device(device)
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    if spec.dtype != dtype_name:
+        spec = replace(spec, dtype=dtype_name)
+    if model is None:
+        model = build_random_model(spec, device, dtype, seed=0)
+    per_pos = spec.kv_bytes_per_token + spec.hidden_size * spec.dtype_bytes  # KV + copy_hidden's kept state
+    want = max_positions or max([b * (c + 2 * block_size) for b in grid.batches for c in grid.contexts]
+                                + [spec.max_context + 2 * block_size])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        free, _ = torch.cuda.mem_get_info()
+        have = int((free - headroom_gb * 1e9) // per_pos)
+        require(have > spec.max_context, f"profile: too little GPU memory for a KV cache "
+                                                  f"({free / 1e9:.1f} GB free, {headroom_gb} GB kept)")
+        positions = min(want, have)
+    else:
+        positions = min(want, int(2e9 // per_pos))
+    num_blocks = positions // block_size
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    ex = GPUExecutor(model, spec, "full", "fill", "max_prob", 0.9, mode="model", device=device, dtype=dtype,
+                     num_blocks=num_blocks, block_size=block_size, backend=backend, cuda_graphs=cuda_graphs)
+    with torch.no_grad():
+        ex.k_cache.normal_(0, 1)
+        ex.v_cache.normal_(0, 1)
+    return spec, ex
+
+
+def profile(model: str = "llama2-7b", out: str | Path | None = None, grid: ProfileGrid | str = "default",
+            device: str | None = None, headroom_gb: float = 6.0, backend: str | None = None,
+            progress: bool = True, time_limit: float = 0.0, command: str = "", exits: tuple[int, ...] = ()):
+    """Profile ``model`` (a preset name or a checkpoint folder) into ``out``; returns (Profile, Profiler)."""
+    import torch
+
+    if isinstance(grid, str):
+        require(grid in GRIDS, f"profile: unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        grid = GRIDS[grid]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    spec, weights = resolve_model(model, device, dtype)
+    if exits:
+        spec = spec.with_exits(exits)
+    spec, ex = build_executor(spec, weights, device, dtype, grid, headroom_gb, backend)
+    env = environment()
+    meta = {"format": 1, "model": spec_to_meta(spec), "shape": shape_name(spec), **env, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "grid": grid.to_meta(), "command": command,
+            "check_context": grid.check_context, "mixed_context": grid.mixed_context,
+            "owed_batch": grid.owed_batch, "owed_context": grid.owed_context,
+            "kv_positions": ex.num_blocks * ex.block_size, "block_size": ex.block_size}
+    prof = Profiler(spec, ex, grid, out, meta, progress=progress, time_limit=time_limit)
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    result = prof.run()
+    prof.seconds = {"setup": setup, "sweep": time.perf_counter() - t1}
+    return result, prof
+
+
+def default_path(spec) -> Path:
+    return PROFILE_DIR / f"{shape_name(spec)}.parquet"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def grid_from_args(args) -> ProfileGrid:
+    grid = GRIDS[args.grid] if args.grid in GRIDS else None
+    require(grid is not None, f"profile: unknown grid {args.grid!r}; choose one of {sorted(GRIDS)}")
+    over = {}
+    for name in ("batches", "contexts", "chunks", "components"):
+        value = getattr(args, name, "")
+        if value:
+            over[name] = tuple(value.split(",")) if name == "components" else _ints(value)
+    if args.repeats:
+        over["repeats"] = args.repeats
+    if args.warmup >= 0:
+        over["warmup"] = args.warmup
+    return replace(grid, **over)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from eesim.model_spec import MODEL_PRESETS
+
+    grid = grid_from_args(args)
+    out = args.out
+    if not out:
+        spec = MODEL_PRESETS.get(args.model)
+        if spec is None:
+            from eesim.model.checkpoint import read_config
+
+            spec = read_config(args.model)["spec"]
+            from eesim.profile_data import spec_from_meta
+
+            spec = spec if not isinstance(spec, dict) else spec_from_meta(spec)
+        out = default_path(spec)
+    command = "eesim profile " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or sys.argv[1:])
+    result, prof = profile(args.model, out, grid, args.device or None, args.headroom_gb, args.backend or None,
+                           progress=not args.quiet, time_limit=args.time_limit, command=command,
+                           exits=_ints(args.exits) if args.exits else ())
+    print(f"wrote {out}: {len(result.frame)} grid points ({result.meta.get('gpu')}); set-up "
+          f"{prof.seconds['setup']:.1f} s, sweep {prof.seconds['sweep']:.1f} s")
+    for note in prof.skipped:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama2-7b", help="model preset (random weights) or a checkpoint folder")
+    p.add_argument("--out", default="", help="profile parquet (default: traces/profiles/<shape>.parquet)")
+    p.add_argument("--grid", default="default", help=f"grid preset: {', '.join(GRIDS)}")
+    p.add_argument("--batches", default="", help="override the grid's decode batch sizes (comma list)")
+    p.add_argument("--contexts", default="", help="override the grid's decode contexts (comma list)")
+    p.add_argument("--chunks", default="", help="override the grid's prefill chunk sizes (comma list)")
+    p.add_argument("--components", default="", help="comma list of components to measure (default: all)")
+    p.add_argument("--exits", default="", help="exit layers (default: the model's)")
+    p.add_argument("--repeats", type=int, default=0, help="timed runs per point (default: the grid's)")
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up runs per point (default: the grid's)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--backend", default="", help="kernel backend: auto (default), torch or triton")
+    p.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left free beside the KV cache")
+    p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds of sweep (resume later)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``eesim profile`` on the CLI's subparsers."""
+    p = subparsers.add_parser("profile", help="measure the GPU executor's cost components into a profile (GPU)")
+    _add_arguments(p)
+    p.set_defaults(func=cmd_profile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eesim.profiler", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return cmd_profile(args)
+    except EesimError as err:
+        print(f"eesim: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""ProfileCostModel on a synthetic profile: exact on grid points, monotone, roofline outside, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eesim.errors import EesimError
+from eesim.model_spec import MODEL_PRESETS
+from eesim.plan import IterationWork
+from eesim.profile_cost import ProfileCostModel, profile_for
+from eesim.profile_data import Profile, read_profile, spec_to_meta, write_profile
+
+SPEC = MODEL_PRESETS["llama2-7b"].with_exits((8, 16, 24))
+BATCHES, CONTEXTS = (1, 4, 16, 64), (128, 512, 2048)
+
+
+def synthetic_frame(spec=SPEC, noise=0.0, seed=0):
+    """Timings from a made-up but plausible law (and optional noise)."""
+    rng = np.random.default_rng(seed)
+    L, S = spec.num_layers, spec.num_segments
+    rows = []
+
+    def add(comp, layers=0, batch=0, context=0, tokens=0, checks=0, t=0.0):
+        t *= 1 + noise * rng.standard_normal()
+        rows.append(dict(component=comp, layers=layers, batch=batch, context=context, tokens=tokens, checks=checks,
+                         median_s=t, p25_s=t * 0.98, p75_s=t * 1.02, repeats=5))
+
+    chk = lambda b: 60e-6 + 0.2e-6 * b  # noqa: E731
+    fill = lambda rows_, layers: 20e-6 + layers * (2e-6 + 0.05e-6 * rows_)  # noqa: E731
+    layer = lambda b, c: 150e-6 + 0.5e-6 * b + 2e-9 * b * c  # noqa: E731
+    for b in BATCHES:
+        for c in CONTEXTS:
+            for k, e in enumerate(spec.all_exits):
+                extra = k * chk(b) + (fill(b, L - e) if e < L else 0.0)
+                add("decode", e, b, c, t=100e-6 + e * layer(b, c) + extra + 40e-6)
+        add("check", L, b, 512, checks=S - 1, t=100e-6 + L * layer(b, 512) + 40e-6 + (S - 1) * chk(b))
+        add("check_eager", L, b, 512, checks=S - 1, t=100e-6 + L * layer(b, 512) + 40e-6 + (S - 1) * 3 * chk(b))
+        add("schedule", 0, b, t=10e-6 + 0.3e-6 * b)
+        for e in spec.exit_layers:
+            add("fill", L - e, b, t=fill(b, L - e))
+    for n in (16, 256, 2048):
+        for p in (0, 512, 2048):
+            add("prefill", L, 0, p, n, t=3e-3 + n * 5e-6 + n * p * 1e-9)
+    for d in (1, 8, 32):
+        for n in (64, 512):
+            base = 3e-3 + n * 5e-6
+            add("mixed", L, d, 512, n, 0, t=base + d * 10e-6)
+            add("mixed", L, d, 512, n, S - 1, t=base + d * 10e-6 + (S - 1) * 150e-6)
+    for comp in ("proj", "recompute"):
+        for lay in (8, 16, 24):
+            for m in (1, 8, 32):
+                add(comp, lay, 8, 512, m, t=100e-6 + L * layer(8, 512) + 40e-6 + 2e-3 + lay * m * 1e-6)
+    return pd.DataFrame(rows)
+
+
+META = {"format": 1, "model": spec_to_meta(SPEC), "gpu": "synthetic", "mixed_context": 512, "check_context": 512,
+        "owed_batch": 8, "owed_context": 512}
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("p") / "llama2-7b.parquet"
+    write_profile(path, synthetic_frame(), META)
+    return path
+
+
+def decode_work(spec, batch, ctx, exit_k=None, steps=1):
+    """The work of a decode step where every row exits at exit index exit_k (None: full depth, no checks)."""
+    S = spec.num_segments
+    reach = S - 1 if exit_k is None else exit_k
+    z = np.zeros((steps, S))
+    full = z.copy()
+    full[:, : reach + 1] = batch
+    kv = full * ctx
+    chk = z.copy()
+    proj = z.copy()
+    if exit_k is not None:
+        chk[:, : reach + 1] = batch
+        chk[:, -1] = 0
+        proj[:, reach + 1:] = batch
+    logit = chk.copy()
+    logit[:, reach] = batch
+    return IterationWork(full, kv.copy(), kv, proj, z.copy(), chk, logit, (chk > 0).sum(axis=1),
+                         np.full(steps, reach))
+
+
+def test_exact_on_grid_points(profile_path):
+    model = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    frame = read_profile(profile_path).frame.set_index(["component", "layers", "batch", "context", "tokens", "checks"])
+    L, S = SPEC.num_layers, SPEC.num_segments
+    for b in BATCHES:
+        for c in CONTEXTS:
+            for k, e in enumerate(SPEC.all_exits):
+                work = decode_work(SPEC, b, c, None if e == L else k)
+                got = model.iteration_time(work)[0]
+                want = frame.loc[("decode", e, b, c, 0, 0), "median_s"]
+                assert got == pytest.approx(want, rel=1e-9), (b, c, e)
+        # checks at every exit, nobody leaves
+        work = decode_work(SPEC, b, 512, None)
+        work.check_rows[:, :-1] = b
+        work.syncs[:] = S - 1
+        assert model.iteration_time(work)[0] == pytest.approx(frame.loc[("check", L, b, 512, 0, S - 1), "median_s"])
+    assert model.extrapolated == 0
+
+
+def prefill_work(spec, n, p, d=0, ctx=512):
+    S = spec.num_segments
+    full = np.full((1, S), float(n + d))
+    attn = np.full((1, S), n * p + n * (n + 1) / 2 + d * ctx)
+    kv = np.full((1, S), (p + n) * -(-n // 128) + d * ctx)
+    z = np.zeros((1, S))
+    return IterationWork(full, attn, kv, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros(1, dtype=int),
+                         np.array([S - 1]))
+
+
+def test_prefill_and_mixed_on_grid(profile_path):
+    model = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    frame = read_profile(profile_path).frame.set_index(["component", "layers", "batch", "context", "tokens", "checks"])
+    L = SPEC.num_layers
+    for n in (16, 256, 2048):
+        for p in (0, 512, 2048):
+            got = model.iteration_time(prefill_work(SPEC, n, p))[0]
+            assert got == pytest.approx(frame.loc[("prefill", L, 0, p, n, 0), "median_s"], rel=1e-6), (n, p)
+    for d in (1, 8, 32):
+        for n in (64, 512):
+            got = model.iteration_time(prefill_work(SPEC, n, 0, d))[0]
+            assert got == pytest.approx(frame.loc[("mixed", L, d, 512, n, 0), "median_s"], rel=1e-6), (d, n)
+
+
+def test_monotone(profile_path):
+    # noisy measurements: the fitted model is still non-decreasing in batch, context and depth
+    path = profile_path.parent / "noisy.parquet"
+    write_profile(path, synthetic_frame(noise=0.05, seed=3), META)
+    model = ProfileCostModel(path, SPEC, include_schedule=False)
+    ctxs = np.linspace(100, 4000, 40)
+    for k in (None, 0, 1, 2):
+        prev_b = None
+        for b in range(1, 70, 3):
+            times = np.array([model.iteration_time(decode_work(SPEC, b, c, k))[0] for c in ctxs])
+            assert (np.diff(times) >= -1e-12).all()
+            if prev_b is not None:
+                assert (times >= prev_b - 1e-12).all()
+            prev_b = times
+    for b in (1, 5, 30):
+        depth = [model.iteration_time(decode_work(SPEC, b, 700, k))[0] for k in (None,)]
+        assert depth[0] > 0
+
+
+def test_vectorised_steps_match_single(profile_path):
+    model = ProfileCostModel(profile_path, SPEC)
+    work = decode_work(SPEC, 7, 300, 1, steps=5)
+    work.kv_read += np.arange(5)[:, None] * work.full_rows
+    many = model.iteration_time(work)
+    one = [model.iteration_time(work.step(t))[0] for t in range(5)]
+    np.testing.assert_allclose(many, one)
+    assert set(model.breakdown(work)) >= {"decode", "checks", "fill", "schedule"}
+
+
+def test_out_of_grid_uses_roofline(profile_path):
+    model = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    inside = model.iteration_time(decode_work(SPEC, 64, 2048))[0]
+    assert model.extrapolated == 0
+    outside = model.iteration_time(decode_work(SPEC, 64, 4000))[0]
+    assert model.extrapolated == 1 and model.extrapolated_by["decode"] == 1
+    # the roofline's ratio for the KV bytes it adds, scaled from the nearest grid point
+    m = SPEC
+    bw = lambda c: m.weight_bytes_per_layer + 64 * c * m.kv_bytes_per_token_per_layer  # noqa: E731
+    assert outside > inside
+    assert outside / inside == pytest.approx(bw(4000) / bw(2048), rel=0.15)
+    model.iteration_time(decode_work(SPEC, 300, 512))  # beyond the largest batch
+    assert model.extrapolated == 2
+    model.reset_counters()
+    assert model.extrapolated == 0
+
+
+def test_refuses_other_shape(profile_path):
+    with pytest.raises(EesimError, match="measured for shape"):
+        ProfileCostModel(profile_path, MODEL_PRESETS["llama3-8b"])
+    with pytest.raises(EesimError, match="exits"):
+        ProfileCostModel(profile_path, SPEC.with_exits((4, 8)))
+
+
+def test_refuses_malformed(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 nonsense")
+    with pytest.raises(EesimError, match="not a readable parquet"):
+        ProfileCostModel(bad, SPEC)
+    frame = synthetic_frame()
+    write_profile(bad, frame, {**META, "format": 99})
+    with pytest.raises(EesimError, match="format"):
+        ProfileCostModel(bad, SPEC)
+    write_profile(bad, frame[frame.component != "decode"], META)
+    with pytest.raises(EesimError, match="decode"):
+        ProfileCostModel(bad, SPEC)
+    with pytest.raises(EesimError, match="no such file"):
+        ProfileCostModel(tmp_path / "missing.parquet", SPEC)
+
+
+def test_profile_for(profile_path, tmp_path):
+    assert profile_for(MODEL_PRESETS["llama2-7b"], tmp_path) is None
+    write_profile(tmp_path / "llama2-7b.parquet", synthetic_frame(), META)
+    assert profile_for(MODEL_PRESETS["llama2-7b"], tmp_path) == tmp_path / "llama2-7b.parquet"
+    assert isinstance(read_profile(profile_path), Profile)

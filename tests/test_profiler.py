@@ -1,0 +1,123 @@
+"""The profiler on CPU (tiny shape, tiny grid; timings meaningless): structure, file format, resume."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+from eesim.errors import EesimError  # noqa: E402
+from eesim.model_spec import ModelSpec  # noqa: E402
+from eesim.profile_data import COLUMNS, read_profile, spec_to_meta, write_profile  # noqa: E402
+from eesim.profiler import GRIDS, Profiler, build_executor  # noqa: E402
+
+SPEC = ModelSpec("tinyp", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, mlp_size=96, vocab_size=101,
+                 exit_layers=(1, 2, 3), dtype="float32", max_context=256)
+
+
+def make_profiler(path, spec=SPEC, grid=GRIDS["tiny"]):
+    spec, ex = build_executor(spec, None, "cpu", torch.float32, grid, 0, backend="torch")
+    return Profiler(spec, ex, grid, path, {"format": 1, "model": spec_to_meta(spec)}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prof") / "tiny.parquet"
+    prof = make_profiler(path)
+    prof.run()
+    return path, prof
+
+
+def test_every_grid_point_present(swept):
+    path, prof = swept
+    frame = read_profile(path).frame
+    got = set(map(tuple, frame[["component", "layers", "batch", "context", "tokens", "checks"]].itertuples(
+        index=False, name=None)))
+    assert got == set(prof.points())
+    assert set(frame["component"]) == {"schedule", "fixed", "decode", "check", "check_eager", "fill", "prefill",
+                                       "mixed", "proj", "recompute"}
+    # decode: every exit layer and the last x every batch x context
+    dec = frame[frame.component == "decode"]
+    assert len(dec) == len(SPEC.all_exits) * 2 * 2
+    assert (frame["p25_s"] <= frame["median_s"]).all() and (frame["median_s"] <= frame["p75_s"]).all()
+    assert (frame["repeats"] >= 2).all()
+
+
+def test_work_of_points(swept):
+    _, prof = swept
+    # a forced exit at exit index 1 (layer 2): two segments run, checks at exits 0 and 1, fill after
+    w = prof.works[("decode", 2, 4, 64, 0, 0)]
+    assert w.full_rows[0].tolist() == [4, 4, 0, 0]
+    assert w.check_rows[0].tolist() == [4, 4, 0, 0]
+    assert w.proj_rows[0].tolist() == [0, 0, 4, 4]
+    w = prof.works[("prefill", 4, 0, 32, 48, 0)]
+    assert w.full_rows[0].tolist() == [48] * 4
+    w = prof.works[("recompute", 3, 2, 32, 2, 0)]
+    assert w.recompute_rows[0].tolist() == [0, 2, 2, 2]
+
+
+def test_resume_skips_done_points(swept, tmp_path):
+    path, _ = swept
+    copy = tmp_path / "resume.parquet"
+    prof = read_profile(path)
+    # drop the decode points, then resume: only they are measured again
+    frame = prof.frame[prof.frame.component != "decode"]
+    write_profile(copy, frame, prof.meta)
+    again = make_profiler(copy)
+    measured = []
+    real = again.measure
+    again.measure = lambda point, setting: (measured.append(point), real(point, setting))[1]
+    again.run()
+    assert measured and all(p[0] == "decode" for p in measured)
+    assert len(read_profile(copy).frame) == len(prof.frame)
+    # a complete file: nothing to do
+    third = make_profiler(copy)
+    third.measure = lambda point, setting: pytest.fail(f"re-measured {point}")
+    third.run()
+
+
+def test_resume_refuses_other_shape(swept):
+    path, _ = swept
+    other = ModelSpec("other", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, mlp_size=96,
+                      vocab_size=101, exit_layers=(2,), dtype="float32", max_context=256)
+    with pytest.raises(EesimError, match="not 'other'|for shape"):
+        make_profiler(path, spec=other)
+
+
+def test_round_trip(swept, tmp_path):
+    path, _ = swept
+    prof = read_profile(path)
+    out = tmp_path / "rt.parquet"
+    write_profile(out, prof.frame, prof.meta)
+    back = read_profile(out)
+    pd.testing.assert_frame_equal(back.frame, prof.frame)
+    assert back.meta == prof.meta
+    assert back.model == SPEC
+    assert list(back.frame.columns) == list(COLUMNS)
+
+
+@pytest.mark.parametrize("breakage", ["no_meta", "bad_column", "negative", "not_parquet", "duplicate"])
+def test_malformed_refused(swept, tmp_path, breakage):
+    path, _ = swept
+    prof = read_profile(path)
+    bad = tmp_path / "bad.parquet"
+    frame = prof.frame.copy()
+    if breakage == "no_meta":
+        frame.to_parquet(bad)
+    elif breakage == "bad_column":
+        write_profile(bad, frame.drop(columns=["p75_s"]).assign(p75_s="x"), prof.meta)
+    elif breakage == "negative":
+        frame.loc[0, "median_s"] = -1.0
+        write_profile(bad, frame, prof.meta)
+    elif breakage == "duplicate":
+        write_profile(bad, pd.concat([frame, frame.iloc[:1]]), prof.meta)
+    else:
+        bad.write_text("not a parquet file")
+    with pytest.raises(EesimError):
+        read_profile(bad)
