@@ -11,6 +11,11 @@ Sections (each row of the output table names its section):
            head each time) and cosine (no head), against the full rule (no checks)
   torch    a plain torch baseline: the same chain of linear layers (q, k, v, o, gate+up, down per layer)
            at the same batch sizes, eager and as one CUDA graph
+  hf       what a user would run instead: Hugging Face transformers ``LlamaForCausalLM`` of the same shape
+           (random bf16 weights built on the GPU, eesim's model freed first), ``generate()`` greedy from a
+           512-token prompt; ms per decode step = (time of 64 new tokens - time of 1 new token) / 63,
+           i.e. generate's prefill and set-up removed; eesim's speedup against its full-depth step at the
+           same batch and context 512 (HF's context grows 512 -> 576 over the steps)
 Times are medians over ``--repeats`` after ``--warmup`` steps, from CUDA events around
 ``GPUExecutor.execute`` (host work included: this is what a serving loop pays). Writes
 ``gpu_decode.csv`` and ``gpu_decode.md`` to $OUT when set.
@@ -169,6 +174,8 @@ def main() -> None:
     parser.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left free beside the KV cache")
     parser.add_argument("--sections", default="full,exit,check,torch",
                         help="comma list of: full, exit, check, torch, profile (batch-1 breakdown), micro")
+    parser.add_argument("--hf-batches", default="1,16,64", help="batches of the hf section")
+    parser.add_argument("--hf-new", type=int, default=64, help="new tokens per generate() in the hf section")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -303,6 +310,15 @@ def main() -> None:
                 nbytes = L * (spec.weight_bytes_per_layer - 2 * spec.hidden_size * spec.dtype_bytes)
                 add("torch", batch, 0, L, sec, nbytes, note="linear chain, " + ("CUDA graph" if graph else "eager"))
 
+    if "hf" in sections and cuda and not args.tiny:
+        eesim_ms = {r["batch"]: r["ms"] for r in rows if r["section"] == "full" and r["context"] == fixed}
+        del ex, model
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf_baseline(spec, [int(b) for b in args.hf_batches.split(",")], fixed, args.hf_new, eesim_ms, add)
+
     out_dir = os.environ.get("OUT")
     if out_dir:
         import pandas as pd
@@ -314,6 +330,56 @@ def main() -> None:
                                                      if _has_tabulate() else frame.to_string(index=False))
         print(f"wrote {out_dir}/gpu_decode.csv and .md")
     print(f"total {time.perf_counter() - t_begin:.0f} s")
+
+
+def hf_baseline(spec: ModelSpec, batches: list[int], prompt: int, new: int, eesim_ms: dict, add) -> None:
+    """Hugging Face ``LlamaForCausalLM.generate`` (greedy, dynamic cache, eager attention default) at the
+    same shape; one row per batch with eesim's speedup in the note."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.mlp_size,
+                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                      num_key_value_heads=spec.num_kv_heads, max_position_embeddings=max(4096, prompt + new + 8),
+                      rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_theta, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    print(f"hf: transformers {transformers.__version__}, LlamaForCausalLM {sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B "
+          f"params, {next(hf.parameters()).dtype}, attn {hf.config._attn_implementation}; "
+          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    L = spec.num_layers
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def timed(ids, n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for batch in batches:
+            ids = torch.randint(3, spec.vocab_size, (batch, prompt), device="cuda", generator=gen)
+            timed(ids, 2)  # warm-up
+            t1 = min(timed(ids, 1) for _ in range(2))
+            tn = min(timed(ids, new) for _ in range(2))
+            step = (tn - t1) / (new - 1)
+            ctx = prompt + new // 2
+            mine = eesim_ms.get(batch)
+            note = f"HF generate, {new} new tokens" + (f"; eesim {mine:.3f} ms = {step * 1e3 / mine:.2f}x faster"
+                                                      if mine else "")
+            add("hf", batch, ctx, L, step, step_bytes(spec, batch, ctx, L), note=note)
+    del hf
+    torch.cuda.empty_cache()
 
 
 def _category(name: str) -> str:

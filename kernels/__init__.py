@@ -11,7 +11,9 @@ head_dim)``; ``block_tables`` int32 ``(batch, max_blocks_per_seq)``; ``context_l
 """
 
 from ._common import HAVE_TRITON, use_triton
+from .confidence import max_prob_argmax, max_prob_argmax_ref
 from .fused_fill import fused_fill, fused_fill_ref
+from .gemv import MAX_ROWS as SKINNY_MAX_ROWS, skinny_linear, skinny_linear_ref
 from .kv_store import store_kv, store_kv_ref
 from .paged_attention import paged_decode_attention, paged_decode_attention_ref
 from .rmsnorm import rmsnorm, rmsnorm_ref
@@ -24,4 +26,6 @@ __all__ = [
     "fused_fill", "fused_fill_ref",
     "rmsnorm", "rmsnorm_ref",
     "apply_rotary", "apply_rotary_ref", "rotary_tables",
+    "skinny_linear", "skinny_linear_ref", "SKINNY_MAX_ROWS",
+    "max_prob_argmax", "max_prob_argmax_ref",
 ]

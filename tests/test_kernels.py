@@ -29,11 +29,15 @@ from eesim.kernels import (  # noqa: E402
     apply_rotary_ref,
     fused_fill,
     fused_fill_ref,
+    max_prob_argmax,
+    max_prob_argmax_ref,
     paged_decode_attention,
     paged_decode_attention_ref,
     rmsnorm,
     rmsnorm_ref,
     rotary_tables,
+    skinny_linear,
+    skinny_linear_ref,
     store_kv,
     store_kv_ref,
 )
@@ -299,3 +303,49 @@ def test_rotary_matches_ref(dtype, num_heads, num_kv_heads, head_dim):
     q2, k2 = q.clone(), k.clone()
     apply_rotary(q2, k2, pos, cos, sin, out=(q2, k2), backend="triton")
     assert torch.equal(q2, qo) and torch.equal(k2, ko)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,act,res", [(1, 37, 100, None, False), (1, 64, 1536, "silu_mul", True),
+                                           (3, 50, 70, None, True), (16, 33, 256, "silu_mul", False),
+                                           (5, 16, 1024, None, False), (1, 130, 2048, None, True),
+                                           (8, 97, 300, "silu_mul", True)])
+def test_skinny_linear_matches_reference(dtype, m, n, k, act, res):
+    g = gen(m * 1000 + n)
+    x = torch.randn(m, 2 * k if act else k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
+    r = torch.randn(m, n, generator=g).to(dtype) if res else None
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    r = r.to(DEVICE) if r is not None else None
+    y = skinny_linear(x, w, r, act, backend="triton")
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), skinny_linear_ref(x, w, r, act).float(), **TOL[dtype])
+    # the torch fallback (backend="torch") computes the same thing
+    torch.testing.assert_close(skinny_linear(x, w, r, act, backend="torch").float(),
+                               skinny_linear_ref(x, w, r, act).float(), **TOL[dtype])
+
+
+@needs_triton
+def test_skinny_linear_forced_dot_path_and_large_rows():
+    g = gen(7)
+    x = torch.randn(1, 200, generator=g).to(DEVICE)
+    w = torch.randn(48, 200, generator=g).to(DEVICE)
+    y = skinny_linear(x, w, config=(16, 64, 4, 2, 16), backend="triton")  # m=1 through tl.dot
+    torch.testing.assert_close(y, skinny_linear_ref(x, w), **TOL[torch.float32])
+    xb = torch.randn(20, 200, generator=g).to(DEVICE)  # above MAX_ROWS: torch path
+    torch.testing.assert_close(skinny_linear(xb, w, backend="triton"), skinny_linear_ref(xb, w), **TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 1000), (3, 5003), (2, 37)])
+def test_max_prob_argmax_matches_reference(dtype, rows, vocab):
+    x = (torch.randn(rows, vocab, generator=gen(vocab)) * 4).to(dtype)
+    x[0, vocab // 2] = x[0, 3] = x[0].max() + 1  # a tie: argmax must return the first index
+    x = x.to(DEVICE)
+    conf, idx = max_prob_argmax(x, backend="triton")
+    cr, ir = max_prob_argmax_ref(x)
+    assert idx.dtype == torch.int64 and conf.dtype == torch.float32
+    assert torch.equal(idx.cpu(), ir.cpu()) and int(idx[0]) == 3
+    torch.testing.assert_close(conf, cr, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from eesim.gpu.batch import DecodeMeta
+from eesim.kernels import max_prob_argmax
 
 
 @dataclass
@@ -67,7 +68,10 @@ class SegmentGraphs:
             y = ex._layer(layer, y, m)
         conf = token = None
         if tail == "final":
-            token = ex.model.exit_logits(ex._model_exit[-1], y).argmax(-1)
+            token = ex._exit_logits(ex._model_exit[-1], y).argmax(-1)
+        elif ex.measure.column == "max_prob":  # confidence and argmax in one kernel
+            logits = ex._exit_logits(ex._model_exit[tail[1]], y)
+            conf, token = max_prob_argmax(logits, backend=ex.backend)
         else:
             values, logits = ex._confidence(tail[1], y, x)  # cosine: against the stretch's input
             conf = values.float()

@@ -1,0 +1,180 @@
+"""Skinny GEMM for decode: ``y = act(x) @ w.T (+ residual)`` for a few rows of ``x``.
+
+``w`` is a torch Linear weight ``(N, K)`` (out x in, row-major); ``x (M, K)`` with M small (decode
+batches, M <= ``MAX_ROWS``); fp32 accumulation. At decode the weight is read once and dominates the
+bytes, so the kernel is a weight stream: one program per ``BLOCK_N`` output rows (enough programs to
+fill every SM several times over for the Llama shapes), each walking the reduction dimension in
+``BLOCK_K``-wide coalesced tiles of its rows. No split of the reduction (so no second reduce kernel and
+no fp32 workspace): with BLOCK_N <= 32 the smallest Llama-7B matrix (O, N=4096) already gives 128+
+programs.
+
+Two inner products: ``M == 1`` multiplies elementwise into a (BLOCK_N, BLOCK_K) fp32 accumulator and
+reduces once at the end (no tensor cores, no padding of the row dimension); ``M > 1`` pads the rows to
+16 and uses ``tl.dot``.
+
+Fused extras (each saves a kernel launch per use in the decode layer):
+- ``act="silu_mul"``: ``x`` is ``(M, 2K)`` = [gate | up]; the kernel reads ``silu(gate) * up``
+  (rounded to the weight dtype) as its input, so the MLP's activation needs no kernel of its own;
+- ``residual``: ``(M, N)`` added in fp32 to the product before the one rounding to the output dtype.
+
+``skinny_linear_ref`` is the torch reference (same rounding points).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import interpreting, tl, triton, use_triton
+
+MAX_ROWS = 16  # the kernel's row limit (one 16-row tl.dot tile); callers keep cuBLAS above their crossover
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    offs_n_safe = tl.where(n_mask, offs_n, 0)  # rows past N read row 0 (never stored): no mask needed
+    w_ptrs = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                xg = tl.load(x_ptr + k0 + offs_k)
+                if SILU_MUL:
+                    xu = tl.load(x_ptr + K + k0 + offs_k)
+            else:
+                km = k0 + offs_k < K
+                w = tl.load(w_ptrs, mask=km[None, :], other=0.0)
+                xg = tl.load(x_ptr + k0 + offs_k, mask=km, other=0.0)
+                if SILU_MUL:
+                    xu = tl.load(x_ptr + K + k0 + offs_k, mask=km, other=0.0)
+            if SILU_MUL:
+                g = xg.to(tl.float32)
+                xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                xv = xg.to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
+            w_ptrs += BLOCK_K
+        out = tl.sum(acc, 1)  # (BLOCK_N,)
+        if HAS_RES:
+            out += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                xg = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                if SILU_MUL:
+                    xu = tl.load(x_ptrs + K, mask=m_mask[:, None], other=0.0)
+            else:
+                km = k0 + offs_k < K
+                w = tl.load(w_ptrs, mask=km[None, :], other=0.0)
+                xg = tl.load(x_ptrs, mask=m_mask[:, None] & km[None, :], other=0.0)
+                if SILU_MUL:
+                    xu = tl.load(x_ptrs + K, mask=m_mask[:, None] & km[None, :], other=0.0)
+            if SILU_MUL:
+                g = xg.to(tl.float32)
+                xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            else:
+                xv = xg.to(w_ptr.dtype.element_ty)
+            if UPCAST:
+                acc += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(xv, tl.trans(w))
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask,
+                           other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+
+def skinny_linear_ref(x, w, residual=None, act=None):
+    """Torch reference: the activation rounded to ``w``'s dtype, fp32 product, residual added in fp32."""
+    if act == "silu_mul":
+        k = x.shape[-1] // 2
+        g, u = x[..., :k].float(), x[..., k:].float()
+        x = (F.silu(g) * u).to(w.dtype)
+    elif act is not None:
+        raise ValueError(f"unknown act {act!r}")
+    y = x.float() @ w.float().t()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype if residual is None else residual.dtype)
+
+
+def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from the H100 sweep in docs/gpu_decode_results.md."""
+    if m == 1:  # elementwise path: narrow tiles, long coalesced rows
+        if k > 8192:
+            return 8, 1024, 4, 1
+        return (4, 1024, 4, 1) if n >= 8192 else (8, 512, 4, 1)
+    if n >= 16384:  # tl.dot path
+        return 64, 256, 4, 4
+    return (32, 512, 4, 4) if k > 8192 else (32, 256, 4, 4)
+
+
+def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backend=None):
+    """``act(x) @ w.T (+ residual)`` for ``x (..., K)`` (``(..., 2K)`` with act="silu_mul"), ``w (N, K)``.
+
+    Runs the Triton kernel when the backend allows it and the rows fit (``<= MAX_ROWS``), else the
+    torch path (``F.linear`` plus the extras, with torch's usual rounding)."""
+    k_in = x.shape[-1]
+    n, k = w.shape
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"unknown act {act!r}")
+    if k_in != (2 * k if act == "silu_mul" else k):
+        raise ValueError(f"x has {k_in} features, w expects {k}{' (x2 for silu_mul)' if act else ''}")
+    x2 = x.reshape(-1, k_in)
+    m = x2.shape[0]
+    if not use_triton(backend, x, w) or m > MAX_ROWS or m == 0:
+        if act == "silu_mul":
+            xa = F.silu(x2[:, :k]) * x2[:, k:]
+        else:
+            xa = x2
+        y = F.linear(xa, w)
+        if residual is not None:
+            y = residual.reshape(-1, n) + y
+        y = y.reshape(*x.shape[:-1], n)
+        return y if out is None else out.copy_(y)
+    if act == "silu_mul" and m > 1:  # fused only at m == 1 (in the tl.dot path it measured 4x slower)
+        x2 = (F.silu(x2[:, :k]) * x2[:, k:])
+        act = None
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, n)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    dtype = residual.dtype if residual is not None else x.dtype
+    y = torch.empty(m, n, dtype=dtype, device=x.device) if out is None else out.view(m, n)
+    cfg = tuple(config or _config(m, n, k))
+    block_n, block_k, warps, stages = cfg[:4]
+    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+    block_m = cfg[4] if len(cfg) > 4 else (1 if m == 1 else 16)  # a 5th entry 16 forces tl.dot at m=1
+    upcast = w.dtype == torch.float32 or interpreting()
+    if block_m == 1:
+        sxm, sym, srm = 0, 0, 0
+    else:
+        sxm, sym, srm = x2.stride(0), y.stride(0), (r2.stride(0) if r2 is not None else 0)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x2, w, y, r2 if r2 is not None else y, m, n, k, sxm, w.stride(0), sym, srm,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
+        HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, num_warps=warps, num_stages=stages)
+    return y.reshape(*x.shape[:-1], n)
