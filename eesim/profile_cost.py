@@ -23,13 +23,15 @@ axis (so the model is monotone non-decreasing in each size and exact on grid poi
 measurements already were). Grid points the profiler could not measure (KV cache too small) and
 queries outside the grid are priced by the bytes/FLOPs roofline scaled to the nearest measured point;
 ``extrapolated`` counts such evaluations (``extrapolated_steps`` the steps, ``extrapolated_by``
-per component), so a simulator can surface them. The decode, check and fill parts are dense lookup
-tables vectorised over the (T, S) work arrays; the rarer prefill steps go through a small Python loop.
+per component), so a simulator can surface them. Every step of a work record is priced with array
+operations over its (T, S) arrays, in a number of numpy calls that does not grow with T: the decode,
+check and fill parts from dense lookup tables, the steps with a prompt chunk or owed rows (proj,
+recompute) through one batched lookup of the two-axis grids (``_GridSet``: Grid's arithmetic, for many
+grids and points at once).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from eesim.errors import EesimError, require
 from eesim.model_spec import ModelSpec
 from eesim.plan import IterationWork
 from eesim.profile_data import Profile, read_profile, shape_key, shape_name
+from eesim.work import QUERY_TILE
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "traces" / "profiles"
 BW, FR, SYNC = 2.98e12 * 0.85, 768e12 * 0.65, 15e-6  # roofline constants (only ratios are used)
@@ -133,6 +136,91 @@ def _grid(frame, axes_cols: list[str], roof) -> Grid:
     values[index] = frame["median_s"].to_numpy()
     measured[index] = True
     return Grid(axes, values, measured, roof)
+
+
+class _GridSet:
+    """Two-axis Grids looked up together: one batch of points (Q, 2), each naming its grid (``gid``), priced
+    as ``Grid.__call__`` prices them (clip to the grid, multilinear weights in log(1 + x), the roofline
+    ratio outside, unmeasured corners flagged) in a fixed number of numpy operations whatever the batch.
+
+    An axis of one point is padded to two (a copy of its values, always weighted 0). The cell of a point
+    on an axis is the number of that axis's interior nodes at or below it (Grid's ``searchsorted`` less
+    one, clipped), counted against the nodes padded with +inf."""
+
+    def __init__(self, grids: list[Grid]) -> None:
+        self.grids = grids
+        G = len(grids)
+        width = max(1, max(len(a) - 2 for g in grids for a in g.axes))
+        self.inner = np.full((G, 2, width), np.inf)
+        self.lo = np.zeros((G, 2))
+        self.hi = np.zeros((G, 2))
+        self.starts = np.zeros((G, 2), dtype=np.int64)  # where each grid's axes begin in logs / steps
+        self.offset = np.zeros(G, dtype=np.int64)  # where each grid's cells begin in corners
+        self.stride = np.zeros(G, dtype=np.int64)  # cells along axis 1
+        logs, steps, corners, unmeasured = [], [], [], []
+        pos = flat = 0
+        for a in range(2):
+            for g, grid in enumerate(grids):
+                require(len(grid.axes) == 2, "profile: _GridSet takes two-axis grids")
+                lg = grid.logs[a]
+                if len(lg) == 1:
+                    lg = np.array([lg[0], lg[0] + 1.0])
+                self.lo[g, a], self.hi[g, a] = grid.axes[a][0], grid.axes[a][-1]
+                self.inner[g, a, :len(lg) - 2] = lg[1:-1]
+                self.starts[g, a] = pos
+                logs.append(lg[:-1])
+                steps.append(lg[1:] - lg[:-1])
+                pos += len(lg) - 1
+        for g, grid in enumerate(grids):
+            values, measured = grid.values, grid.measured
+            for a in range(2):
+                if values.shape[a] == 1:
+                    values = np.concatenate([values, values], axis=a)
+                    measured = np.concatenate([measured, measured], axis=a)
+            n0, n1 = values.shape[0] - 1, values.shape[1] - 1
+            self.offset[g], self.stride[g] = flat, n1
+            # the corners of cell (i, j): [[v(i, j), v(i, j+1)], [v(i+1, j), v(i+1, j+1)]]
+            corners.append(np.stack([np.stack([values[:-1, :-1], values[:-1, 1:]], -1),
+                                     np.stack([values[1:, :-1], values[1:, 1:]], -1)], -2).reshape(-1, 2, 2))
+            u = ~measured
+            unmeasured.append(np.stack([np.stack([u[:-1, :-1], u[:-1, 1:]], -1),
+                                        np.stack([u[1:, :-1], u[1:, 1:]], -1)], -2).reshape(-1, 2, 2))
+            flat += n0 * n1
+        self.logs = np.concatenate(logs)
+        self.steps = np.concatenate(steps)
+        self.corners = np.concatenate(corners)
+        self.unmeasured = np.concatenate(unmeasured)
+        self.any_unmeasured = bool(self.unmeasured.any())
+
+    def __call__(self, gid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values at the points ``x`` (Q, 2) of grids ``gid`` (Q,), and whether each was extrapolated."""
+        c = np.minimum(np.maximum(x, self.lo[gid]), self.hi[gid])
+        lx = np.log1p(c)
+        i = (self.inner[gid] <= lx[:, :, None]).sum(axis=2)
+        b = i + self.starts[gid]
+        f = (lx - self.logs[b]) / self.steps[b]  # in [0, 1]: lx lies in its cell
+        g = 1.0 - f
+        v = self.corners[i[:, 0] * self.stride[gid] + i[:, 1] + self.offset[gid]]  # (Q, 2, 2)
+        f1, g1 = f[:, 1:], g[:, 1:]
+        along = v[:, :, 0] * g1 + v[:, :, 1] * f1  # along axis 1, at both nodes of axis 0
+        out = along[:, 0] * g[:, 0] + along[:, 1] * f[:, 0]
+        clipped = c != x
+        if self.any_unmeasured:
+            u = self.unmeasured[i[:, 0] * self.stride[gid] + i[:, 1] + self.offset[gid]]
+            w = np.stack([g > 0, f > 0], axis=1)  # (Q, lower/upper node, axis): weight > 0
+            flag = clipped.any(axis=1) | (u & w[:, :, None, 0] & w[:, None, :, 1]).any(axis=(1, 2))
+        elif clipped.any():
+            flag = clipped.any(axis=1)
+        else:
+            return out, clipped[:, 0]
+        outside = clipped.any(axis=1)
+        if outside.any():
+            for k in np.unique(gid[outside]).tolist():
+                o = outside & (gid == k)
+                roof = self.grids[k].roof
+                if roof is not None:
+                    out[o] *= roof(x[o, 0], x[o, 1]) / roof(c[o, 0], c[o, 1])
+        return out, flag
 
 
 class ProfileCostModel:
@@ -267,6 +355,57 @@ class ProfileCostModel:
         else:
             self.sched_tab = np.zeros(Dmax + 1)
         self._segs = np.arange(S)
+        # ---- for the vectorised evaluation ----
+        # decode: the table with a node at 0 and one far beyond the last (copies of the end nodes: linear
+        # interpolation clamps without a clip) and a row past max_rows (a copy of its last row: the rows
+        # beyond it, priced from there by the roofline); per cell the values at both nodes, and a code
+        # 2 * (lower node extrapolated) + (upper node extrapolated), the far node and the extra row flagged
+        lo_node = [0.0] if nodes[0] > 0 else []
+        self._nodes_ext = np.concatenate([lo_node, nodes, [max(1e18, nodes[-1] * 1e6)]])
+        self._inner_ext = self._nodes_ext[1:-1]
+        self._steps_ext = np.diff(self._nodes_ext)
+        self._cn_ext = Ce = len(self._nodes_ext)
+        pad = (len(lo_node), 1)
+        tab = np.pad(table, ((0, 0), (0, 1), pad), mode="edge")
+        flg = np.pad(xf, ((0, 0), (0, 1), pad), mode="edge")
+        flg[:, :, -1] = True
+        flg[:, -1, :] = True
+        flg[:, 0, :] = False  # no rows, nothing extrapolated
+        pairs = np.zeros((S, Dmax + 2, Ce, 2))
+        pairs[..., :-1, 0], pairs[..., :-1, 1] = tab[..., :-1], tab[..., 1:]
+        pairs[..., -1, :] = tab[..., -1:]
+        self._dec_pairs = pairs.reshape(-1, 2)
+        code = np.zeros((S, Dmax + 2, Ce), dtype=np.int8)
+        code[..., :-1] = 2 * flg[..., :-1] + flg[..., 1:]
+        code[..., -1] = 3
+        self._dec_code = code.ravel()
+        self._seg_base = self._segs * ((Dmax + 2) * Ce)
+        self._nonterminal = (self._segs[None, :] < self._segs[:, None]).astype(np.float64)  # [reach, s]
+        fp = np.zeros((L, Dmax + 1, 2))
+        fp[..., 0], fp[..., 1] = self.fill_tab[:-1], self.fill_tab[1:]
+        self._fill_pairs = fp.reshape(-1, 2)  # [layers * (Dmax + 1) + rows]: at layers and layers + 1
+        mc = self.mixed_context  # _full(d, mixed_context) for every d, as a table
+        jm = int(np.clip(np.searchsorted(nodes, mc, side="right") - 1, 0, Cn - 2))
+        fm = min(max((mc - nodes[jm]) / (nodes[jm + 1] - nodes[jm]), 0.0), 1.0)
+        self._full_mc = self.full_tab[:, jm] * (1 - fm) + self.full_tab[:, jm + 1] * fm
+        # the two-axis grids of prompt chunks and owed rows, looked up together
+        named = [(k, g) for k, g in (("prefill", self.g_prefill), ("mixed", self.g_mixed),
+                                     ("mixed_chk", self.g_mixed_chk), ("proj", self.g_proj),
+                                     ("recompute", self.g_recompute)) if g is not None]
+        self._gid = {k: i for i, (k, _) in enumerate(named)}
+        self._gset = _GridSet([g for _, g in named]) if named else None
+        self._gid_cache: dict = {}
+        self._mixed_checks = self.g_mixed is not None and self.g_mixed_chk is not None
+        # a full-depth pass less the same at the mixed measurements' context, per (rows, context cell) the
+        # values at both ends of the cell, on the decode table's extended nodes (clamped)
+        ft = np.pad(self.full_tab, ((0, 0), (len(lo_node), 1)), mode="edge") - self._full_mc[:, None]
+        fpairs = np.zeros((Dmax + 1, Ce, 2))
+        fpairs[:, :-1, 0], fpairs[:, :-1, 1] = ft[:, :-1], ft[:, 1:]
+        fpairs[:, -1, :] = ft[:, -1:]
+        self._adj_pairs = fpairs.reshape(-1, 2)
+        self._mixed_lo = float(self.g_mixed.axes[0][0]) if self.g_mixed is not None else 0.0
+        self._chk_lo = (float(self.g_mixed_chk.axes[0][0]) if self.g_mixed_chk is not None else 0.0, self._mixed_lo)
+        self._chunk_table = _chunk_table(max(model.max_context, 4096))
 
     def _owed_grid(self, frame, comp, roof):
         sub = frame[frame["component"] == comp]
@@ -293,140 +432,213 @@ class ProfileCostModel:
         return tab
 
     # ---- evaluation -----------------------------------------------------------------------------
+    # Every step of a work record is priced with array operations over the (T, S) arrays, prompt chunks
+    # and owed rows included: a fixed number of numpy calls per record, however many steps it holds.
     def _parts(self, work: IterationWork) -> dict[str, np.ndarray]:
-        S, Dmax, Cn = self.S, self.max_rows, self.num_nodes
+        Dmax = self.max_rows
         rec = work.recompute_rows
-        D = work.full_rows - rec if rec.any() else work.full_rows
+        has_rec = rec.any()
+        D = work.full_rows - rec if has_rec else work.full_rows
         R = work.kv_read
-        steps = D.shape[0]
-        Di = D.astype(np.int64)
-        over = Di > Dmax
-        Dc = np.minimum(Di, Dmax)
-        c = R / np.maximum(D, 1.0)
-        nodes = self.nodes
-        j = np.clip(np.searchsorted(nodes, c, side="right") - 1, 0, Cn - 2)
-        f = np.clip((c - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0)
-        base = (self._segs * (Dmax + 1) + Dc) * Cn + j
-        tab = self.dec_tab
-        seg = tab[base] * (1.0 - f) + tab[base + 1] * f
-        ext = self.dec_flag[base] | (self.dec_flag[base + 1] & (f > 0)) | (c > nodes[-1]) | over
-        if over.any():
-            seg = np.where(over, seg * self._roof_decode(1.0, D, c) / self._roof_decode(1.0, np.maximum(Dc, 1), c), seg)
-        decode = seg.sum(axis=1)
-        parts = {"decode": decode}
-        chk = work.check_rows
-        if chk.any():
-            nonterminal = self._segs < work.batch_reach[:, None]
-            ci = np.minimum(chk.astype(np.int64), Dmax)
-            ctab = self.chk_tab if self.fill_like else self.chk_eager_tab
-            parts["checks"] = (ctab[ci] * nonterminal).sum(axis=1)
         proj = work.proj_rows
-        if proj.any() and self.fill_like:
-            rows = proj.max(axis=1)
-            rl = proj @ self.seg_layers
-            lm = rl / np.maximum(rows, 1.0)
+        has_proj = proj.any()
+        excess = work.attn_context[:, 0] - R[:, 0]
+        chunk = excess > 0.5  # a prompt chunk: attention beyond the KV reads
+        special = chunk
+        if has_rec:
+            special = special | rec.any(axis=1)
+        if has_proj and not self.fill_like:
+            special = special | proj.any(axis=1)
+        any_special = special.any()
+        ext = None
+        chk = work.check_rows
+        all_chunks = any_special and self.g_prefill is not None and chunk.all()
+        if all_chunks:
+            # every step holds a prompt chunk: its decode rows, their checks (when exit 0 checked them and the
+            # profile has mixed checks) and the schedule are priced in _special
+            zeros = np.zeros(len(excess))
+            parts = {"decode": zeros}
+            own_checks = self._mixed_checks and (chk[:, 0] > 0).all()
+        else:
+            own_checks = False
+            Di = D.astype(np.int64)
+            # per segment: the dense table, linear in the mean context between its nodes (nodes added at 0
+            # and far beyond the last hold the end values: the clamp), rows beyond max_rows on the row past
+            # it (the last row's values, flagged), then scaled by the roofline
+            c = R / np.maximum(D, 1.0)
+            j = np.searchsorted(self._inner_ext, c, side="right")
+            f = (c - self._nodes_ext[j]) / self._steps_ext[j]
+            base = self._seg_base + np.minimum(Di, Dmax + 1) * self._cn_ext + j
+            v = self._dec_pairs[base]
+            seg = v[..., 0] * (1.0 - f) + v[..., 1] * f
+            ext = self._dec_code[base] > (f <= 0)  # the lower node's flag, and the upper's if it has weight
+            if Di.max() > Dmax:
+                over = Di > Dmax
+                Dc = np.minimum(Di, Dmax)
+                seg = np.where(over, seg * self._roof_decode(1.0, D, c) / self._roof_decode(1.0, np.maximum(Dc, 1), c),
+                               seg)
+            parts = {"decode": np.add.reduce(seg, axis=1)}
+        if own_checks:
+            parts["checks"] = zeros.copy()
+        elif chk.any():
+            ctab = self.chk_tab if self.fill_like else self.chk_eager_tab
+            parts["checks"] = np.add.reduce(ctab[np.minimum(chk.astype(np.int64), Dmax)]
+                                            * self._nonterminal[work.batch_reach], axis=1)
+        if has_proj and self.fill_like:
+            rows = np.maximum.reduce(proj, axis=1)
+            lm = (proj @ self.seg_layers) / np.maximum(rows, 1.0)
             li = np.minimum(lm.astype(np.int64), self.L - 1)
             lf = lm - li
-            ri = np.minimum(rows.astype(np.int64), Dmax)
-            parts["fill"] = self.fill_tab[li, ri] * (1 - lf) + self.fill_tab[li + 1, ri] * lf
+            v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
+            parts["fill"] = v[:, 0] * (1 - lf) + v[:, 1] * lf
         if self.include_schedule:
-            parts["schedule"] = self.sched_tab[np.minimum(Di[:, 0], Dmax)]
-        # ---- steps priced through the general path: prompt chunks, projected or re-run owed rows ----
-        excess = work.attn_context[:, 0] - R[:, 0]
-        special = (excess > 0.5) | (rec.any(axis=1)) | ((proj.any(axis=1)) & (not self.fill_like))
-        n_ext = int((ext.any(axis=1) & ~special).sum())
-        if special.any():
-            for name in ("prefill", "mixed", "proj", "recompute"):
-                parts[name] = np.zeros(steps)
-            for t in np.flatnonzero(special):
-                n_ext += self._special(work, int(t), parts, float(excess[t]))
+            parts["schedule"] = zeros.copy() if all_chunks else self.sched_tab[np.minimum(Di[:, 0], Dmax)]
+        n_ext = 0
+        if ext is not None and ext.any():
+            n_ext = int((ext.any(axis=1) & ~special).sum())
+        if any_special:
+            n_ext += self._special(work, parts, chunk, excess, has_rec, has_proj)
         if n_ext:
             self.extrapolated += n_ext
             self.extrapolated_steps += n_ext
             self.extrapolated_by["decode"] = self.extrapolated_by.get("decode", 0) + n_ext
         return parts
 
-    def _flag(self, name: str, flag) -> int:
-        if bool(np.any(flag)):
-            self.extrapolated_by[name] = self.extrapolated_by.get(name, 0) + 1
-            return 1
-        return 0
-
-    def _special(self, work: IterationWork, t: int, parts: dict, excess: float) -> int:
-        L, S, Dmax = self.L, self.S, self.max_rows
-        N = work.full_rows[t].tolist()
-        rec = work.recompute_rows[t].tolist()
-        R0 = float(work.kv_read[t, 0])
-        chk = work.check_rows[t].tolist()
-        flagged = 0
-        if rec[0] or any(rec):
-            m = max(rec)
-            lay = float(sum(l for l, r in zip(self.seg_layers, rec) if r > 0))
-            if self.g_recompute is not None:
-                v, x = self.g_recompute(lay, m)
-                parts["recompute"][t] += float(v)
-                flagged |= self._flag("recompute", x)
-        proj = work.proj_rows[t].tolist()
-        if any(proj) and not self.fill_like:
-            m = max(proj)
-            lay = float(sum(l for l, r in zip(self.seg_layers, proj) if r > 0))
-            if self.g_proj is not None:
-                v, x = self.g_proj(lay, m)
-                parts["proj"][t] += float(v)
-                flagged |= self._flag("proj", x)
-        if excess <= 0.5 or self.g_prefill is None:
-            return flagged
-        # a prompt chunk: n tokens after p cached positions, beside d decode rows
-        rows0 = N[0] - rec[0]
-        if chk[0] > 0:
-            d = int(chk[0])
-            n = max(int(rows0) - d, 2)
-        else:
-            # no decode row checked: all rows one chunk if the KV reads agree, else a chunk starting a prompt
-            n = int(rows0)
-            k = -(-n // 128)
-            e = (excess + n * (n - 1) / 2) / (n - k) if n > k else float(n)
-            if n < 2 or abs(e * k - R0) > 0.5 + 1e-6 * R0:
-                n = _chunk_from_excess(excess, int(rows0))
-            d = max(int(rows0) - n, 0)
-        k = -(-n // 128)
-        e = (excess + n * (n - 1) / 2) / (n - k) if n > k else float(n)
-        p = max(e - n, 0.0)
-        pf, x = self.g_prefill(p, n)
-        pf = float(pf)
-        flagged |= self._flag("prefill", x)
-        decode_part = 0.0
-        if d > 0 and self.g_mixed is not None:
-            r_d = max(R0 - e * k, float(d))
-            c = r_d / d
-            mixed, x1 = self.g_mixed(d, n)
-            base, _ = self.g_prefill(0.0, n)
-            flagged |= self._flag("mixed", x1)
-            rows_layers = sum(l * max(r - q - n, 0) for l, r, q in zip(self.seg_layers, N, rec))
-            scale = rows_layers / (L * d)
-            dd = min(d, Dmax)
-            adj = self._full(dd, c) - self._full(dd, self.mixed_context)
-            decode_part = max((float(mixed) - float(base)) * scale + adj * scale, -0.5 * pf)  # exact at mixed points
-            checked = [r for r in chk if r > 0]
-            if checked and self.g_mixed_chk is not None:
-                per = []
-                for r in checked:
-                    hi, _ = self.g_mixed_chk(r, n)
-                    lo, _ = self.g_mixed(r, n)
-                    per.append(max(float(hi) - float(lo), 0.0) / max(S - 1, 1))
-                parts["checks"][t] = sum(per)
-        parts["decode"][t] = 0.0
-        if "schedule" in parts:
-            parts["schedule"][t] = self.sched_tab[min(d + 1, Dmax)]
-        parts["prefill"][t] = pf
-        parts["mixed"][t] = decode_part
-        return flagged
-
-    def _full(self, d: int, c: float) -> float:
-        nodes = self.nodes
-        j = int(np.clip(np.searchsorted(nodes, c, side="right") - 1, 0, self.num_nodes - 2))
-        f = min(max((c - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0), 1.0)
-        return float(self.full_tab[d, j] * (1 - f) + self.full_tab[d, j + 1] * f)
+    def _special(self, work: IterationWork, parts: dict, chunk: np.ndarray, excess: np.ndarray, has_rec,
+                 has_proj) -> int:
+        """Steps priced through the two-axis grids: prompt chunks, and owed rows projected (policies other
+        than fill) or re-run. Writes their parts; returns how many of them were extrapolated."""
+        S = self.S
+        steps = len(excess)
+        for name in ("prefill", "mixed", "proj", "recompute"):
+            parts[name] = np.zeros(steps)
+        gid = self._gid
+        groups = []  # (name, steps, grid, x0, x1): one group of points each, looked up together
+        for name, rows, on in (("recompute", work.recompute_rows, has_rec),
+                               ("proj", work.proj_rows, has_proj and not self.fill_like)):
+            if on and name in gid:
+                t = np.flatnonzero(rows.any(axis=1))
+                sub = rows[t]
+                groups.append((name, t, gid[name], (sub > 0) @ self.seg_layers, np.maximum.reduce(sub, axis=1)))
+        priced = self.g_prefill is not None and chunk.any()
+        if priced:
+            t = slice(None) if chunk.all() else np.flatnonzero(chunk)
+            N = work.full_rows[t]
+            R0 = work.kv_read[t, 0]
+            chk = work.check_rows[t]
+            x = excess[t]
+            rows0 = N[:, 0] - work.recompute_rows[t, 0] if has_rec else N[:, 0]
+            r0 = rows0.astype(np.int64)
+            c0 = chk[:, 0]
+            checked = c0 > 0
+            # the chunk's tokens n and the decode rows d beside it: the checked rows when the rule checks
+            if checked.all():
+                d = c0.astype(np.int64)
+                n = np.maximum(r0 - d, 2)
+            else:
+                # no decode row checked: all rows one chunk if the KV reads agree, else a chunk starting a prompt
+                n = r0
+                k = (n + (QUERY_TILE - 1)) // QUERY_TILE
+                e = np.where(n > k, (x + n * (n - 1) / 2) / np.maximum(n - k, 1), n)
+                bad = (n < 2) | (np.abs(e * k - R0) > 0.5 + 1e-6 * R0)
+                if bad.any():
+                    need = int(r0.max()) + 1
+                    if need > len(self._chunk_table):
+                        self._chunk_table = _chunk_table(max(need, 2 * len(self._chunk_table)))
+                    n = np.where(bad, _chunks_from_excess(x, r0, self._chunk_table), n)
+                d = np.maximum(r0 - n, 0)
+                if checked.any():
+                    dc = c0.astype(np.int64)
+                    d = np.where(checked, dc, d)
+                    n = np.where(checked, np.maximum(r0 - dc, 2), n)
+            k = (n + (QUERY_TILE - 1)) // QUERY_TILE
+            e = (x + n * (n - 1) / 2) / (n - k)
+            p = np.maximum(e - n, 0.0)
+            groups.append(("prefill", t, gid["prefill"], p, n))
+            mixed = self.g_mixed is not None
+            checks_on = False
+            if mixed:
+                mx = d > 0
+                groups.append(("base", t, gid["prefill"], np.zeros(len(n)), n))
+                groups.append(("mixed", t, gid["mixed"], d if mx.all() else np.where(mx, d, self._mixed_lo), n))
+                checks_on = self.g_mixed_chk is not None and "checks" in parts
+                if checks_on:
+                    nz = chk > 0
+                    nn = np.repeat(n, S)
+                    r = np.where(nz, chk, self._chk_lo[0]).ravel()
+                    groups.append(("hi", t, gid["mixed_chk"], r, nn))
+                    groups.append(("lo", t, gid["mixed"], r if self._chk_lo[0] == self._chk_lo[1]
+                                   else np.where(nz, chk, self._chk_lo[1]).ravel(), nn))
+        if not groups:
+            return 0
+        key = tuple([(g[2], len(g[3])) for g in groups])
+        gids = self._gid_cache.get(key)
+        if gids is None:
+            gids = self._gid_cache[key] = np.repeat([g for g, _ in key], [n for _, n in key])
+        sizes = [n for _, n in key]
+        Q = len(gids)
+        # the points as one (Q, 2) array: axis-0 coordinates, then axis-1 ones
+        pts = np.concatenate([g[3] for g in groups] + [g[4] for g in groups]).reshape(2, Q).T
+        values, flags = self._gset(gids, pts)
+        at = {}
+        pos = 0
+        for g, size in zip(groups, sizes):
+            at[g[0]] = pos, pos + size
+            pos += size
+        for name, owing, *_ in groups:
+            if name in ("recompute", "proj"):
+                a, b = at[name]
+                parts[name][owing] = values[a:b]
+        if priced:
+            a, b = at["prefill"]
+            pf = values[a:b]
+            decode_part = 0.0
+            if mixed:
+                a, b = at["mixed"]
+                mixed_v = values[a:b]
+                a, b = at["base"]
+                dd = np.maximum(d, 1)
+                cc = np.maximum(R0 - e * k, d) / dd  # mean context of the decode rows
+                owed = N - work.recompute_rows[t] if has_rec else N
+                scale = (np.maximum(owed - n[:, None], 0) @ self.seg_layers) / (self.L * dd)
+                dd = np.minimum(d, self.max_rows)
+                j = np.searchsorted(self._inner_ext, cc, side="right")
+                fc = (cc - self._nodes_ext[j]) / self._steps_ext[j]
+                v = self._adj_pairs[dd * self._cn_ext + j]
+                adj = v[:, 0] * (1.0 - fc) + v[:, 1] * fc
+                decode_part = np.maximum((mixed_v - values[a:b]) * scale + adj * scale, -0.5 * pf)
+                if not mx.all():
+                    decode_part = np.where(mx, decode_part, 0.0)
+                if checks_on:
+                    a, b = at["hi"]
+                    c, e = at["lo"]
+                    per = np.maximum(values[a:b] - values[c:e], 0.0).reshape(-1, S) / max(S - 1, 1)
+                    new = np.add.reduce(per * nz, axis=1)
+                    if checked.all():  # (then d > 0 and exit 0 checked)
+                        parts["checks"][t] = new
+                    else:
+                        parts["checks"][t] = np.where(mx & nz.any(axis=1), new, parts["checks"][t])
+            parts["decode"][t] = 0.0
+            if "schedule" in parts:
+                parts["schedule"][t] = self.sched_tab[np.minimum(d + 1, self.max_rows)]
+            parts["prefill"][t] = pf
+            parts["mixed"][t] = decode_part
+        if not flags.any():
+            return 0
+        # extrapolated points: count the steps, and per component the steps it extrapolated in
+        flagged = np.zeros(steps, dtype=bool)
+        by = self.extrapolated_by
+        for name, owing, *_ in groups:
+            if name in ("recompute", "proj", "prefill", "mixed"):
+                a, b = at[name]
+                flag = flags[a:b]
+                if name == "mixed":
+                    flag = flag & mx
+                hits = int(flag.sum())
+                if hits:
+                    by[name] = by.get(name, 0) + hits
+                    flagged[owing] |= flag
+        return int(flagged.sum())
 
     def iteration_time(self, work: IterationWork) -> np.ndarray:
         parts = self._parts(work)
@@ -443,12 +655,18 @@ class ProfileCostModel:
         self.extrapolated_by = {}
 
 
-def _chunk_from_excess(excess: float, rows: int) -> int:
-    """Tokens n of a chunk starting a prompt whose attention exceeds its KV reads by ``excess``."""
-    f = lambda n: n * (n + 1) / 2 - n * (-(-n // 128))  # noqa: E731
-    n = max(int(math.sqrt(2 * excess)), 2)
-    while f(n) < excess and n < rows:
-        n += 1
-    while n > 2 and f(n - 1) >= excess:
-        n -= 1
-    return min(n, max(rows, 2))
+def _chunk_table(rows: int) -> np.ndarray:
+    """Running maximum over n = 0..rows of f(n) = n (n + 1) / 2 - n ceil(n / 128): the attention a chunk of n
+    tokens starting a prompt does beyond its KV reads."""
+    n = np.arange(rows + 1)
+    return np.maximum.accumulate(n * (n + 1) / 2 - n * (-(-n // QUERY_TILE)))
+
+
+def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Tokens n of chunks starting a prompt whose attention exceeds their KV reads by ``excess`` (> 0.5), at
+    most ``rows`` (at least 2): the least n with f(n) >= excess, searched upwards from
+    max(floor(sqrt(2 excess)), 2) and stopped at ``rows``. (f is below excess everywhere before that start,
+    so the least n of the running maximum is the one the upward search finds; ``table`` covers ``rows``.)"""
+    start = np.maximum(np.sqrt(2.0 * excess).astype(np.int64), 2)
+    first = np.searchsorted(table, excess, side="left")
+    return np.minimum(np.maximum(start, np.minimum(first, rows)), np.maximum(rows, 2))

@@ -203,3 +203,77 @@ def test_profile_for(profile_path, tmp_path):
     write_profile(tmp_path / "llama2-7b.parquet", synthetic_frame(), META)
     assert profile_for(MODEL_PRESETS["llama2-7b"], tmp_path) == tmp_path / "llama2-7b.parquet"
     assert isinstance(read_profile(profile_path), Profile)
+
+
+def _chunk_loop(excess, rows):
+    """The search _chunks_from_excess vectorises: upwards from max(floor(sqrt(2 excess)), 2), stopped at rows."""
+    import math
+
+    f = lambda n: n * (n + 1) / 2 - n * (-(-n // 128))
+    n = max(int(math.sqrt(2 * excess)), 2)
+    while f(n) < excess and n < rows:
+        n += 1
+    while n > 2 and f(n - 1) >= excess:
+        n -= 1
+    return min(n, max(rows, 2))
+
+
+def test_chunks_from_excess_matches_search():
+    from eesim.profile_cost import _chunk_table, _chunks_from_excess
+
+    rng = np.random.default_rng(5)
+    n = np.arange(2, 3000)
+    f = n * (n + 1) / 2 - n * (-(-n // 128))
+    excess = np.concatenate([rng.integers(1, 4_000_000, 3000).astype(float), rng.uniform(0.6, 5000, 1000), f, f - 1, f + 1])
+    rows = rng.integers(0, 4097, len(excess))
+    got = _chunks_from_excess(excess, rows, _chunk_table(4096))
+    want = [_chunk_loop(x, r) for x, r in zip(excess.tolist(), rows.tolist())]
+    np.testing.assert_array_equal(got, want)
+
+
+def _mixed_record(rng, spec, steps):
+    """Steps of random kinds: decode, prompt chunks alone, chunks beside checked decode rows, owed rows."""
+    S = spec.num_segments
+    recs = []
+    for _ in range(steps):
+        kind = rng.integers(4)
+        b = int(rng.integers(1, 200))
+        k = int(rng.integers(S))
+        w = decode_work(spec, b, float(rng.integers(20, 5000)), None if kind == 0 else k)
+        if kind in (1, 2):
+            n, p = int(rng.integers(2, 3000)), int(rng.integers(0, 3000))
+            d = 0 if kind == 1 else b
+            chunk = prefill_work(spec, n, p, d, ctx=int(rng.integers(20, 3000)))
+            if d:
+                chunk.check_rows[:, :-1] = d
+            w = chunk
+        if kind == 3:
+            w.recompute_rows[:, k + 1:] = rng.integers(1, 40)
+        recs.append(w)
+    return IterationWork(*(np.concatenate([getattr(r, f) for r in recs]) for f in IterationWork.__slots__))
+
+
+@pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
+def test_chunk_steps_vectorised_match_single(profile_path, kv):
+    # a record mixing prompt chunks, decode and owed rows, some outside the grid: priced all at once as step by step
+    many_model = ProfileCostModel(profile_path, SPEC, kv_policy=kv)
+    one_model = ProfileCostModel(profile_path, SPEC, kv_policy=kv)
+    work = _mixed_record(np.random.default_rng(7), SPEC, 40)
+    many = many_model.iteration_time(work)
+    one = [one_model.iteration_time(work.step(t))[0] for t in range(40)]
+    np.testing.assert_allclose(many, one, rtol=1e-12)
+    assert many_model.extrapolated_steps == one_model.extrapolated_steps > 0
+    assert many_model.extrapolated_by == one_model.extrapolated_by
+
+
+def test_unmeasured_prefill_points_flagged(profile_path, tmp_path):
+    # a prefill point the profiler could not measure: priced from the roofline, counted as extrapolated
+    frame = synthetic_frame()
+    drop = (frame.component == "prefill") & (frame.context == 2048) & (frame.tokens == 2048)
+    path = tmp_path / "holes.parquet"
+    write_profile(path, frame[~drop], META)
+    model = ProfileCostModel(path, SPEC, include_schedule=False)
+    model.iteration_time(prefill_work(SPEC, 256, 512))
+    assert model.extrapolated == 0
+    model.iteration_time(prefill_work(SPEC, 1500, 1500))  # a cell with the missing corner
+    assert model.extrapolated == 1 and model.extrapolated_by.get("prefill") == 1
