@@ -12,7 +12,11 @@
     iteration (decode, decode with exits (fill), mixed prefill + decode), and the worst cases.
 
 Goals: held-out median <= 2 %, p95 <= 6 %; whole iterations median <= 3 %, p95 <= 8 %.
-Writes cost_model_accuracy.md, heldout.csv, iterations.csv (and the held-out profile) to $OUT.
+Writes cost_model_accuracy.md, heldout.csv, iterations.csv (and the held-out profile) to $OUT, and
+heldout_work.npz / iterations_work.npz: the IterationWork of every CSV row, in order (``load_works``), so
+a changed cost model can be re-scored offline against the measured_ms columns without a GPU.
+iterations.csv also records each iteration's prompt chunks (starts, tokens) and the longest decode
+context (the paged-attention block-table width follows it, not the mean).
 
 Usage:  PYTHONPATH=$PWD python benchmarks/cost_model_accuracy.py --profile traces/profiles/llama2-7b.parquet
 """
@@ -30,6 +34,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eesim.plan import IterationWork  # noqa: E402
 from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
 from eesim.profile_data import environment, spec_to_meta  # noqa: E402
 from eesim.profiler import GRIDS, Profiler, build_executor, resolve_model  # noqa: E402
@@ -103,6 +108,7 @@ def main() -> None:
                          extrapolated=cost.extrapolated > 0))
     ho = pd.DataFrame(rows)
     ho.to_csv(out_dir / "heldout.csv", index=False)
+    save_works(out_dir / "heldout_work.npz", list(held.works.values()))
     lines += ["## (a) Held-out grid points", "",
               f"Grid `{args.grid}` measured now ({len(ho)} points in {args.heldout_time:.0f} s at most; "
               f"{', '.join(held.skipped) or 'complete'}); goal median <= 2 %, p95 <= 6 %.", ""]
@@ -133,7 +139,7 @@ def main() -> None:
         seq = Sequence(Request(i, 0.0, prompt, output))
         ex.prepare(seq, i % trace.num_sequences)
         sched.add(seq)
-    recs = []
+    recs, works = [], []
     now = 0.0
     started = time.perf_counter()
     while sched.has_work and len(recs) < args.iterations:
@@ -148,13 +154,20 @@ def main() -> None:
         work = outcome.work
         cost.reset_counters()
         pred = float(cost.iteration_time(work)[0])
+        works.append(work)
+        ctx = plan.start[plan.can_exit] + 1
+        chunks = ~plan.can_exit
         recs.append(dict(iteration=plan.index, kind=kind(work), batch=plan.batch_size, tokens=plan.num_batched_tokens,
+                         prompt_chunks=int(chunks.sum()), chunk_starts=" ".join(map(str, plan.start[chunks].tolist())),
+                         chunk_tokens=" ".join(map(str, plan.num_new[chunks].tolist())),
+                         max_context=int(ctx.max()) if len(ctx) else 0,
                          decode_rows=plan.num_decode, exits=int((outcome.exit_index < spec.num_segments - 1).sum()),
                          reach=int(work.batch_reach[0]), mean_context=float(plan.start[plan.can_exit].mean() + 1)
                          if plan.num_decode else 0.0, measured_ms=elapsed * 1e3, predicted_ms=pred * 1e3,
                          schedule_us=host * 1e6, error=pred / elapsed - 1, extrapolated=cost.extrapolated > 0))
     it = pd.DataFrame(recs)
     it.to_csv(out_dir / "iterations.csv", index=False)
+    save_works(out_dir / "iterations_work.npz", works)
     lines += ["", "## (b) Whole iterations served through the Scheduler", "",
               f"{len(it)} iterations of a queued workload ({args.requests} requests, prompts 32..1024, outputs "
               f"16..256, max {args.max_seqs} sequences, chunk {args.chunk} tokens), all_confident + fill, "
@@ -173,6 +186,20 @@ def main() -> None:
     (out_dir / "cost_model_accuracy.md").write_text(text)
     print("\n".join(lines[-20:]))
     print(f"wrote {out_dir}/cost_model_accuracy.md, heldout.csv, iterations.csv")
+
+
+def save_works(path: Path, works: list) -> None:
+    """The IterationWork of every row of the matching CSV, stacked in order (one step each), so that the
+    predictions can be recomputed offline (``load_works``) when the cost model changes."""
+    if works:
+        np.savez_compressed(path, **{name: np.concatenate([getattr(w, name) for w in works])
+                                     for name in IterationWork.__slots__})
+
+
+def load_works(path) -> "IterationWork":
+    """The works ``save_works`` wrote, as one record of T steps (``cost.iteration_time`` prices them all)."""
+    data = np.load(path)
+    return IterationWork(*(data[name] for name in IterationWork.__slots__))
 
 
 def _table(frame: pd.DataFrame) -> str:

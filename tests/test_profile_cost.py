@@ -277,3 +277,66 @@ def test_unmeasured_prefill_points_flagged(profile_path, tmp_path):
     assert model.extrapolated == 0
     model.iteration_time(prefill_work(SPEC, 1500, 1500))  # a cell with the missing corner
     assert model.extrapolated == 1 and model.extrapolated_by.get("prefill") == 1
+
+
+def test_one_slow_exit_point_does_not_raise_its_neighbours(profile_path, tmp_path):
+    # a decode point at an exit measured far too slow (a stall during its repeats) must not lift the
+    # larger batches, contexts and depths: the monotone envelope lowers the outlier instead
+    frame = synthetic_frame()
+    e, k = SPEC.all_exits[0], 0
+    bad = (frame.component == "decode") & (frame.layers == e) & (frame.batch == 4) & (frame.context == 128)
+    frame.loc[bad, ["median_s", "p25_s", "p75_s"]] *= 2.5
+    path = tmp_path / "outlier.parquet"
+    write_profile(path, frame, META)
+    clean = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    model = ProfileCostModel(path, SPEC, include_schedule=False)
+    for b, c in ((16, 128), (16, 512), (64, 2048), (4, 512)):
+        for kk in (k, 1, None):
+            want = clean.iteration_time(decode_work(SPEC, b, c, kk))[0]
+            assert model.iteration_time(decode_work(SPEC, b, c, kk))[0] == pytest.approx(want, rel=1e-9), (b, c, kk)
+
+
+def test_checks_priced_against_full_depth_alone(tmp_path):
+    # the per-check cost comes from the check grid less full-depth decode, not less a layers envelope that
+    # mixes in the exit points' own checks and fill (which exceed a full-depth pass when checks are dear)
+    frame = synthetic_frame()
+    L, S = SPEC.num_layers, SPEC.num_segments
+    full = (frame.component == "decode") & (frame.layers == L)
+    chk = 60e-6 + 0.2e-6 * frame.loc[full, "batch"]
+    for col in ("median_s", "p25_s", "p75_s"):
+        frame.loc[full, col] -= (S - 1) * chk  # the profiler's full-depth rule checks nothing
+    exits = (frame.component == "decode") & (frame.layers < L)
+    frame.loc[exits, ["median_s", "p25_s", "p75_s"]] += 2e-3  # checks much dearer at the exits
+    check = frame.component == "check"
+    frame.loc[check, ["median_s", "p25_s", "p75_s"]] += (S - 1) * 2e-3
+    path = tmp_path / "dear.parquet"
+    write_profile(path, frame, META)
+    model = ProfileCostModel(path, SPEC, include_schedule=False)
+    for b in BATCHES:
+        assert model.chk_tab[b] == pytest.approx(60e-6 + 0.2e-6 * b + 2e-3, rel=1e-9)
+    # full-depth points stay exact
+    idx = frame.set_index(["component", "layers", "batch", "context", "tokens", "checks"])
+    for b in BATCHES:
+        for c in CONTEXTS:
+            want = idx.loc[("decode", L, b, c, 0, 0), "median_s"]
+            assert model.iteration_time(decode_work(SPEC, b, c))[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_extrapolation_counted_per_component(profile_path):
+    model = ProfileCostModel(profile_path, SPEC, kv_policy="recompute", include_schedule=False)
+    # a prompt chunk beyond the prefill grid: counted under prefill, not under decode
+    model.iteration_time(prefill_work(SPEC, 4000, 3000))
+    assert model.extrapolated_steps == 1 and "decode" not in model.extrapolated_by
+    assert model.extrapolated_by.get("prefill") == 1
+    # a step special only for its owed rows keeps its decode-table price: its decode extrapolation counts
+    model.reset_counters()
+    w = decode_work(SPEC, 8, 4000, 0)  # context beyond the decode grid
+    w.recompute_rows[:, 1:] = 1
+    model.iteration_time(w)
+    assert model.extrapolated_by.get("decode") == 1 and model.extrapolated_steps == 1
+    # both at once: one step
+    model.reset_counters()
+    w.recompute_rows[:, 1:] = 500  # beyond the recompute grid too
+    model.iteration_time(w)
+    assert model.extrapolated_steps == 1 and model.extrapolated_by.get("decode") == 1
+    assert model.extrapolated_by.get("recompute") == 1
