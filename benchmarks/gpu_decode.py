@@ -44,8 +44,6 @@ from eesim.gpu.executor import GPUExecutor  # noqa: E402
 from eesim.gpu.weights import build_random_model  # noqa: E402
 from eesim.hardware import HARDWARE_PRESETS  # noqa: E402
 from eesim.model_spec import MODEL_PRESETS, ModelSpec  # noqa: E402
-from eesim.policies import kv_policy  # noqa: E402
-from eesim.policies.base import ExitRule  # noqa: E402
 from eesim.request import Request, Sequence, Status  # noqa: E402
 from eesim.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
@@ -53,25 +51,7 @@ FLOOR_BW = 2.98e12  # bytes/s: the H100's measured read bandwidth (HARDWARE_PRES
 BLOCK = 16
 
 
-class ExitAt(ExitRule):
-    """Every decode row leaves at exit index ``k`` (whatever the confidence): a fixed exit layer."""
-
-    name = "exit_at"
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def decide(self, confident, active, exit_index):
-        return active.copy() if exit_index == self.k else np.zeros_like(active)
-
-
-class NeverExit(ExitRule):
-    """Checks confidence at every exit (heads, measure, host sync) but never lets a row leave."""
-
-    name = "never_exit"
-
-    def decide(self, confident, active, exit_index):
-        return np.zeros_like(active)
+from eesim.forced_exits import ExitAt, NeverExit  # noqa: E402
 
 
 def tiny_spec() -> ModelSpec:

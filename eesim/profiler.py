@@ -35,7 +35,7 @@ import argparse
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,31 +82,6 @@ GRIDS = {
                         mixed_batches=(2,), mixed_chunks=(16,), mixed_context=32, check_context=32, owed_rows=(2,),
                         owed_batch=2, owed_context=32, warmup=1, repeats=2),
 }
-
-
-def _rules():
-    from eesim.policies.base import ExitRule
-
-    class ExitAt(ExitRule):
-        """Every decode row leaves at exit index ``k`` whatever its confidence."""
-
-        name = "exit_at"
-
-        def __init__(self, k: int) -> None:
-            self.k = k
-
-        def decide(self, confident, active, exit_index):
-            return active.copy() if exit_index == self.k else np.zeros_like(active)
-
-    class NeverExit(ExitRule):
-        """Checks every exit (head, measure, host sync) but lets nobody leave."""
-
-        name = "never_exit"
-
-        def decide(self, confident, active, exit_index):
-            return np.zeros_like(active)
-
-    return ExitAt, NeverExit
 
 
 class Profiler:
@@ -228,7 +203,7 @@ class Profiler:
     def points(self) -> list[tuple]:
         """Every grid point of the enabled components, in measuring order (grouped by executor setting)."""
         g, spec = self.grid, self.spec
-        L, S = spec.num_layers, spec.num_segments
+        L = spec.num_layers
         exits = spec.all_exits
         layers = g.decode_layers or exits
         pts = []
@@ -300,8 +275,9 @@ class Profiler:
         """Measure one grid point; returns the executor setting it left in place."""
         comp, layers, batch, ctx, tokens, checks = point
         spec, ex = self.spec, self.ex
-        L, S = spec.num_layers, spec.num_segments
-        ExitAt, NeverExit = _rules()
+        L = spec.num_layers
+        from eesim.forced_exits import ExitAt, NeverExit
+
         if comp == "schedule":
             times = []
             for i in range(self.grid.warmup + max(self.grid.repeats, 5)):
@@ -387,7 +363,7 @@ class Profiler:
 
 def resolve_model(name: str, device, dtype):
     """(spec, model or None): a preset name (random weights) or a checkpoint folder."""
-    from eesim.model_spec import MODEL_PRESETS, ModelSpec
+    from eesim.model_spec import MODEL_PRESETS
 
     path = Path(name)
     if path.is_dir():
