@@ -203,7 +203,7 @@ class Profiler:
     def points(self) -> list[tuple]:
         """Every grid point of the enabled components, in measuring order (grouped by executor setting)."""
         g, spec = self.grid, self.spec
-        L = spec.num_layers
+        L, S = spec.num_layers, spec.num_segments
         exits = spec.all_exits
         layers = g.decode_layers or exits
         pts = []
