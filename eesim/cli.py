@@ -3,6 +3,7 @@
     eesim compare    every exit rule x KV policy on one workload: table, plot, timeline (the main job)
     eesim simulate   one policy pair: per-request and per-iteration tables, summary, timeline
     eesim execute    one policy pair on the GPU executor (or its CPU fallback): measured, not simulated
+    eesim validate   the GPU executor serving in real time against the simulator on the same workload
     eesim trace      describe an exit trace, or write a synthetic one
     eesim profile    measure the GPU executor's components into a parquet profile (resumable)
     eesim calibrate  certify exit thresholds on a recorded trace (Learn-then-Test); writes measure -> threshold JSON
@@ -230,13 +231,55 @@ def cmd_execute(args: argparse.Namespace) -> int:
                  f"eesim execute — {config.model.name}, {args.mode} mode, {result.labels['hardware']}, "
                  f"{workload.num_requests} requests ({workload.source})")
     if args.with_simulation:
-        measured, simulated = (r.summary for r in rows.values())
-        errors = {m: simulated[m] / measured[m] - 1 for m in ("throughput_tok_s", "ttft_p50", "ttft_p99",
-                                                             "itl_mean", "itl_p50", "itl_p99", "e2e_mean")}
-        print("simulator vs executor: " + ", ".join(f"{m} {e:+.1%}" for m, e in errors.items()))
+        from eesim.validate import error_table
+
+        errors = error_table(*rows.values())
+        print("simulator vs executor: " + ", ".join(f"{r.metric} {r.error:+.1%}" for r in errors.itertuples()))
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out}/summary.csv, requests.parquet, iterations.parquet ({wall:.1f} s of wall time)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Real-time serving on the GPU executor against the simulator on the same workload."""
+    import pandas as pd
+
+    from eesim.gpu.serve import build_executor
+    from eesim.timeline import write_timeline
+    from eesim.validate import validate
+
+    config, workload, notes = _base_config(args)
+    config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
+    if args.replicas != 1:
+        raise EesimError("eesim validate serves one replica (--replicas 1)")
+    executor = build_executor(config, args.mode, args.num_blocks or 2048, args.checkpoint, args.device,
+                              args.backend, cuda_graphs=not args.no_graphs)
+    errors, measured, simulated = validate(workload, config, executor)
+    out = Path(args.out)
+    runs = {"executor (measured, real time)": measured, "simulator (analytical)": simulated}
+    _write_frames(out, {"errors.csv": errors,
+                        "requests.parquet": pd.concat([r.requests.assign(run=k) for k, r in runs.items()]),
+                        "iterations.parquet": pd.concat([r.iterations.assign(run=k) for k, r in runs.items()])})
+    write_timeline(out / "timeline.json", runs, args.timeline_iterations)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eesim validate — {config.model.name}, {args.mode} mode, {measured.labels['hardware']}, "
+                        f"{measured.labels['exit_rule']} + {measured.labels['kv_policy']}, {workload.num_requests} "
+                        f"requests ({workload.source})", title_justify="left")
+    for col in ("metric", "measured", "simulated", "error", "goal", "met"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in errors.itertuples():
+        scale = 1.0 if r.metric.startswith(("throughput", "layers")) else 1e3
+        unit = "" if scale == 1.0 else " ms"
+        table.add_row(r.metric, f"{r.measured * scale:,.2f}{unit}", f"{r.simulated * scale:,.2f}{unit}",
+                      f"{r.error:+.1%}", "" if pd.isna(r.goal) else f"±{r.goal:.0%}",
+                      "" if pd.isna(r.goal) else ("yes" if r.met else "no"))
+    Console(width=160).print(table)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out}/errors.csv, requests.parquet, iterations.parquet, timeline.json (both runs)")
     return 0
 
 
@@ -297,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also simulate the same workload and print the simulator's error per metric "
                               "(meaningful in replay mode on the GPU that --hardware describes)")
     execute.set_defaults(func=cmd_execute)
+    validate = sub.add_parser("validate", help="the simulator against the GPU executor serving in real time")
+    _common(validate)
+    for action in execute._actions:  # the executor's own options, as for execute
+        if action.dest in ("rule", "kv_policy", "mode", "checkpoint", "device", "backend", "no_graphs"):
+            validate._add_action(action)
+    validate.set_defaults(func=cmd_validate)
     trace = sub.add_parser("trace", help="describe an exit trace, or write a synthetic one")
     trace.add_argument("path", nargs="?", help="exit trace parquet to describe")
     trace.add_argument("--synthesize", metavar="OUT", help="write a synthetic trace for --model")

@@ -133,3 +133,18 @@ def test_execute_model_mode_needs_a_matching_checkpoint(tmp_path):
     result = run_cli("execute", "--model", "llama2-7b", "--mode", "model", "--checkpoint", "traces/small",
                      "--device", "cpu", "--workload", "poisson:rate=3,duration=3", "--out", str(tmp_path))
     assert result.returncode == 2 and "run with --model small" in result.stderr
+
+
+def test_validate_compares_real_time_serving_with_the_simulator(tmp_path):
+    args = ["validate", "--model", "small", "--mode", "replay", "--device", "cpu", "--backend", "torch",
+            "--workload", "poisson:rate=3,duration=3", "--max-requests", "3", "--rule", "per_sequence",
+            "--kv-policy", "fill", "--threshold", "0.5", "--max-batched-tokens", "256", "--out", str(tmp_path)]
+    assert main(args) == 0
+    errors = pd.read_csv(tmp_path / "errors.csv").set_index("metric")
+    assert {"throughput (tok/s)", "TTFT p50", "inter-token latency p99"} <= set(errors.index)
+    # replay mode: the executor makes the simulator's exit decisions, so the depth per token agrees exactly
+    assert errors.loc["layers per token", "error"] == pytest.approx(0.0, abs=1e-12)
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    assert set(requests["run"]) == {"executor (measured, real time)", "simulator (analytical)"}
+    events = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in events if e.get("cat") == "iteration"} == {0, 1}

@@ -1,7 +1,10 @@
-"""Serve a workload on the GPU executor through the shared scheduler, on the executor's own clock.
+"""Serve a workload on the GPU executor through the shared scheduler.
 
-The clock advances by each iteration's measured time; a request joins the waiting queue once the
-clock has passed its arrival, and an idle executor jumps to the next arrival. This is the simulator's
+Two clocks. By default the executor's own: the clock advances by each iteration's measured time, a
+request joins the waiting queue once the clock has passed its arrival, and an idle executor jumps to
+the next arrival. With ``realtime=True``, the wall clock, as a server sees it: requests arrive at their
+wall-clock times, an idle executor sleeps until the next one, and every host cost between iterations
+(scheduling, bookkeeping) is part of the timeline. This is the simulator's
 loop with measured instead of priced iterations (and without SimPy, which the GPU machine may lack),
 so its results compare with ``simulate`` on the same workload and configuration request by request:
 each request replays the same recorded generation in both (same seed, same assignment).
@@ -10,6 +13,7 @@ each request replays the same recorded generation in both (same seed, same assig
 from __future__ import annotations
 
 import platform
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -59,8 +63,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iterations: int = 1_000_000
-          ) -> SimResult:
+def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iterations: int = 1_000_000,
+          realtime: bool = False) -> SimResult:
     """Serve ``workload`` on one replica; returns the same tables as ``simulate`` (times measured)."""
     if config.replicas != 1:
         raise EesimError("the GPU executor serves one replica; run one process per GPU for more")
@@ -72,7 +76,10 @@ def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iter
     trace_sequences = np.random.default_rng(config.seed).integers(config.trace.num_sequences, size=len(sequences))
     log = IterationLog()
     clock, arrived = 0.0, 0
+    origin = time.perf_counter()
     for _ in range(max_iterations):
+        if realtime:
+            clock = time.perf_counter() - origin
         while arrived < len(sequences) and sequences[arrived].request.arrival_time <= clock:
             executor.prepare(sequences[arrived], int(trace_sequences[arrived]))
             scheduler.add(sequences[arrived])
@@ -80,11 +87,14 @@ def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iter
         if not scheduler.has_work:
             if arrived == len(sequences):
                 break
-            clock = sequences[arrived].request.arrival_time  # idle until the next request
+            if realtime:
+                time.sleep(max(0.0, sequences[arrived].request.arrival_time - (time.perf_counter() - origin)))
+            else:
+                clock = sequences[arrived].request.arrival_time  # idle until the next request
             continue
         plan = scheduler.schedule(clock)
         outcome = executor.execute(plan)
-        end = clock + float(outcome.elapsed[0])
+        end = time.perf_counter() - origin if realtime else clock + float(outcome.elapsed[0])
         scheduler.update(plan, outcome, [end])
         log.record(0, plan, outcome, clock, [end], scheduler)
         clock = end
