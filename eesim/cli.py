@@ -196,19 +196,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_execute(args: argparse.Namespace) -> int:
-    """Serve the workload on the GPU executor; optionally simulate the same and print the errors."""
-    import pandas as pd
-
-    from eesim.gpu.serve import build_executor, serve
+def _executor_run(args: argparse.Namespace):
+    """Configuration, workload, notes and a GPU executor for `execute` and `validate`."""
+    from eesim.gpu.serve import build_executor
 
     config, workload, notes = _base_config(args)
     config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
     if args.replicas != 1:
-        raise EesimError("eesim execute serves one replica (--replicas 1)")
-    num_blocks = args.num_blocks or 2048
-    executor = build_executor(config, args.mode, num_blocks, args.checkpoint, args.device, args.backend,
-                              cuda_graphs=not args.no_graphs)
+        raise EesimError(f"eesim {args.command} serves one replica (--replicas 1)")
+    executor = build_executor(config, args.mode, args.num_blocks or 2048, args.checkpoint, args.device,
+                              args.backend, cuda_graphs=not args.no_graphs)
+    return config, workload, notes, executor
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    """Serve the workload on the GPU executor; optionally simulate the same and print the errors."""
+    import pandas as pd
+
+    from eesim.gpu.serve import serve
+
+    config, workload, notes, executor = _executor_run(args)
+    num_blocks = executor.num_blocks
     started = time.perf_counter()
     result = serve(workload, config, executor)
     wall = time.perf_counter() - started
@@ -245,16 +253,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Real-time serving on the GPU executor against the simulator on the same workload."""
     import pandas as pd
 
-    from eesim.gpu.serve import build_executor
     from eesim.timeline import write_timeline
     from eesim.validate import validate
 
-    config, workload, notes = _base_config(args)
-    config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
-    if args.replicas != 1:
-        raise EesimError("eesim validate serves one replica (--replicas 1)")
-    executor = build_executor(config, args.mode, args.num_blocks or 2048, args.checkpoint, args.device,
-                              args.backend, cuda_graphs=not args.no_graphs)
+    config, workload, notes, executor = _executor_run(args)
     errors, measured, simulated = validate(workload, config, executor)
     out = Path(args.out)
     runs = {"executor (measured, real time)": measured, "simulator (analytical)": simulated}
