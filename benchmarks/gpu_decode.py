@@ -52,6 +52,7 @@ BLOCK = 16
 
 
 from eesim.forced_exits import ExitAt, NeverExit  # noqa: E402
+from eesim.gpu.timing import time_call  # noqa: E402
 
 
 def tiny_spec() -> ModelSpec:
@@ -126,21 +127,7 @@ def torch_chain(ex: GPUExecutor, batch: int, warmup: int, repeats: int, graph: b
         with torch.cuda.graph(g):
             chain(x0)
         run = g.replay
-    times = []
-    for i in range(warmup + repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            t = a.elapsed_time(b) / 1e3
-        else:
-            t0 = time.perf_counter()
-            run()
-            t = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(t)
+    times = time_call(run, warmup, repeats, cuda)
     return float(np.median(times))
 
 

@@ -167,23 +167,9 @@ class Profiler:
         return times, out.work
 
     def time_call(self, fn):
-        torch = self.torch
-        times = []
-        for i in range(self.grid.warmup + self.grid.repeats):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                t = a.elapsed_time(b) / 1e3
-            else:
-                t0 = time.perf_counter()
-                fn()
-                t = time.perf_counter() - t0
-            if i >= self.grid.warmup:
-                times.append(t)
-        return times
+        from eesim.gpu.timing import time_call
+
+        return time_call(fn, self.grid.warmup, self.grid.repeats, self.cuda)
 
     def record(self, point: tuple, times: list[float], work=None) -> None:
         import pandas as pd

@@ -1,7 +1,6 @@
 """Threshold calibration (Learn-then-Test): risk computation, p-values, fixed-sequence testing, the
 calibrated-threshold file, validation and the command line."""
 
-import argparse
 import json
 import math
 
@@ -10,6 +9,7 @@ import pytest
 from scipy.stats import binom
 
 from eesim import calibrate as cal
+from eesim.cli import main
 from eesim.errors import EesimError
 from eesim.exit_trace import synthesize_exit_trace
 from eesim.policies import measure
@@ -23,15 +23,7 @@ def trace():
 
 
 def cli(*argv) -> int:
-    """What eesim.cli.main does with a subcommand registered by add_cli."""
-    parser = argparse.ArgumentParser(prog="eesim")
-    cal.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except EesimError as err:
-        print(f"eesim: error: {err}", file=__import__("sys").stderr)
-        return 2
+    return main(list(argv))  # the real command line, with its subcommand wiring
 
 
 def test_p_values():

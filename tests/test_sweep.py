@@ -1,9 +1,7 @@
 """Sweeps: config validation, stable cell keys, resumable atomic results, process pool and Ray, the
 max-goodput search and the command line."""
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +9,7 @@ import pytest
 
 import eesim.sweep as sw
 from eesim import calibrate as cal
+from eesim.cli import main
 from eesim.errors import EesimError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,15 +20,7 @@ SUMMARY = ["throughput_tok_s", "ttft_p90", "itl_p99", "quality", "mean_layers"]
 
 
 def cli(*argv) -> int:
-    """What eesim.cli.main does with subcommands registered by add_cli."""
-    parser = argparse.ArgumentParser(prog="eesim")
-    sw.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except EesimError as err:
-        print(f"eesim: error: {err}", file=sys.stderr)
-        return 2
+    return main(list(argv))  # the real command line, with its subcommand wiring
 
 
 @pytest.fixture(scope="module")
