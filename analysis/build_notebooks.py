@@ -27,8 +27,9 @@ NOTEBOOKS = {
     "policy_comparison.ipynb": [
         ("md", "# Policy comparison\n\nEvery exit rule x KV policy on one workload: throughput, latency "
                "percentiles, quality (share of tokens equal to the full model's), layers per token, and latency "
-               "CDFs. Simulated with eesim's analytical cost model; the title of each figure names the hardware, "
-               "model and workload."),
+               "CDFs. Simulated, priced by the cost model SimConfig.cost_model picks (auto: the bundled profile of a "
+               "profiled shape on its GPU, else the analytical model); the title of each figure names it, the "
+               "hardware, model and workload."),
         ("params", """\
 MODEL = "llama2-7b"
 HARDWARE = "h100"

@@ -5,7 +5,7 @@
     eesim.max_goodput(config, ttft_p90=None, itl_p99=None, ...)  -> one row per policy (grid cell)
 
 Columns: ``eesim.sweep.sweep`` (a cell's settings, ``cell``, the run summary of eesim.metrics,
-``threshold_value``, ``elapsed_s``, ``speedup``, ``itl_speedup``); ``eesim.calibrate.RESULT_COLUMNS``
+``cost_model_label``, ``threshold_value``, ``elapsed_s``, ``speedup``, ``itl_speedup``); ``eesim.calibrate.RESULT_COLUMNS``
 (and ``CURVE_COLUMNS`` for ``calibration_curve``); ``eesim.sweep.GOODPUT_COLUMNS`` after the cell's settings.
 
 ``setup(**settings)`` builds the (SimConfig, Workload) of one set of sweep settings (see
@@ -33,10 +33,13 @@ def setup(keep_work: int = 2000, **settings):
 
 
 def describe(config, workload) -> str:
-    """A one-line label: model, hardware, workload, measure and threshold, replicas."""
+    """A one-line label: model, hardware, workload, measure and threshold, replicas, cost model."""
+    from eesim.cost_choice import describe_cost_model
+
     measure = getattr(config.measure, "name", config.measure)
     return (f"{config.model.name} on {config.hardware.name}; {workload.num_requests} requests ({workload.source}); "
-            f"{measure} >= {config.threshold}; {config.replicas} replica(s); simulated, analytical cost model")
+            f"{measure} >= {config.threshold}; {config.replicas} replica(s); simulated, cost model "
+            f"{describe_cost_model(config)}")
 
 
 def pareto_front(frame: pd.DataFrame, x: str = "throughput_tok_s", y: str = "quality",

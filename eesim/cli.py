@@ -33,6 +33,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="llama2-7b", help="model preset (llama2-7b, llama3-8b, small)")
     g.add_argument("--hardware", default="h100", help="hardware preset (h100, h200)")
     g.add_argument("--memory-gb", type=float, default=0, help="override the hardware's memory (GB)")
+    g.add_argument("--cost-model", default="auto",
+                   help="what prices an iteration: auto (the bundled H100 profile of the model's shape when the "
+                        "hardware is that GPU, else analytical), analytical, profile, or a profile parquet path")
     g = parser.add_argument_group("workload and exits")
     g.add_argument("--workload", default="default",
                    help="'default', a request-trace CSV (arrived_at,num_prefill_tokens,num_decode_tokens or "
@@ -98,8 +101,14 @@ def _base_config(args: argparse.Namespace):
     workload, clipped = workload.clip(model.max_context)
     config = SimConfig(model, hardware, trace, measure=conf_measure, threshold=threshold, scheduler=scheduler,
                        replicas=args.replicas, router=args.router, seed=args.seed,
-                       keep_work=args.timeline_iterations, max_run_steps=1 if args.step_by_step else 256)
-    notes = [f"exit trace: {trace_source}; exits at layers {list(model.exit_layers)} of {model.num_layers}"]
+                       keep_work=args.timeline_iterations, max_run_steps=1 if args.step_by_step else 256,
+                       cost_model=args.cost_model)
+    from eesim.cost_choice import describe_cost_model
+
+    cost = describe_cost_model(config)  # refuse a bad --cost-model before simulating (the fit is kept for the runs)
+    notes = [f"exit trace: {trace_source}; exits at layers {list(model.exit_layers)} of {model.num_layers}",
+             f"cost model: {cost}" + (" (--cost-model auto: no bundled profile for this shape and hardware)"
+                                      if args.cost_model == "auto" and cost == "analytical" else "")]
     if clipped:
         notes.append(f"{clipped} of {workload.num_requests} requests clipped to the model's {model.max_context}-token context")
     return config, workload, notes
@@ -164,7 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     title = _describe(config, workload)
     plot_comparison(summary, out / "comparison.png", title)
     write_timeline(out / "timeline.json", results, args.timeline_iterations)
-    _print_table(format_table(summary), f"eesim compare — {title} (simulated; analytical cost model)")
+    costs = ", ".join(dict.fromkeys(summary["cost_model"].astype(str)))
+    _print_table(format_table(summary), f"eesim compare — {title} (simulated; cost model {costs})")
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out}/summary.csv, summary.parquet, requests.parquet, iterations.parquet, comparison.png, "
@@ -189,7 +199,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _write_frames(out, {"summary.csv": summary, "requests.parquet": result.requests,
                         "iterations.parquet": result.iterations})
     write_timeline(out / "timeline.json", {summary["policy"].iloc[0]: result}, args.timeline_iterations)
-    _print_table(format_table(summary).drop(columns=["speedup", "ITL speedup"]), f"eesim simulate — {_describe(config, workload)}")
+    _print_table(format_table(summary).drop(columns=["speedup", "ITL speedup"]),
+                 f"eesim simulate — {_describe(config, workload)}; cost model {result.labels['cost_model']}")
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out}/summary.csv, requests.parquet, iterations.parquet, timeline.json")
@@ -224,8 +235,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     if args.with_simulation:
         from eesim.simulator import simulate
 
-        rows["simulator (analytical)"] = simulate(workload, replace(config, scheduler=replace(
-            config.scheduler, num_blocks=num_blocks)))
+        simulated = simulate(workload, replace(config, scheduler=replace(config.scheduler, num_blocks=num_blocks)))
+        rows[f"simulator ({simulated.labels['cost_model']})"] = simulated
     summary = pd.DataFrame([r.summary for r in rows.values()])
     summary.insert(0, "policy", [f"{label}: {result.labels['exit_rule']} + {result.labels['kv_policy']}"
                                  for label in rows])
@@ -259,7 +270,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config, workload, notes, executor = _executor_run(args)
     errors, measured, simulated = validate(workload, config, executor)
     out = Path(args.out)
-    runs = {"executor (measured, real time)": measured, "simulator (analytical)": simulated}
+    runs = {"executor (measured, real time)": measured, f"simulator ({simulated.labels['cost_model']})": simulated}
     _write_frames(out, {"errors.csv": errors,
                         "requests.parquet": pd.concat([r.requests.assign(run=k) for k, r in runs.items()]),
                         "iterations.parquet": pd.concat([r.iterations.assign(run=k) for k, r in runs.items()])})

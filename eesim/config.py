@@ -32,3 +32,6 @@ class SimConfig:
     seed: int = 0
     keep_work: int = 2000  # iterations per replica whose full work record is kept (timeline detail)
     max_run_steps: int = 256  # decode steps of an unchanged batch simulated in one go (1: step by step)
+    # what prices an iteration: "auto" (the bundled profile of the model's shape measured on this hardware,
+    # else the analytical roofline), "analytical", "profile", or a path to a profile parquet (cost_choice.py)
+    cost_model: str = "auto"

@@ -5,7 +5,8 @@ bytes over the achieved read bandwidth and its FLOPs over the achieved matrix ra
 weights of the layers run (only the K/V projections of a layer that only had K/V projected), the
 KV read by attention and the KV written; FLOPs are the matrix products of every row plus attention.
 Exit heads are priced the same way; each exit decision adds a host synchronisation and each
-iteration a fixed overhead (HardwareSpec). A profile-backed model comes with the profiler.
+iteration a fixed overhead (HardwareSpec). The profile-backed model (profile_cost.py) prices from measurements;
+``SimConfig.cost_model`` picks between them (cost_choice.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class CostModel(Protocol):
 
 
 class AnalyticalCostModel:
+    label = "analytical"  # how a run's summary names it (eesim.cost_choice)
+
     def __init__(self, model: ModelSpec, hardware: HardwareSpec) -> None:
         self.model = model
         self.hardware = hardware

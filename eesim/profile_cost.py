@@ -36,11 +36,16 @@ surface them. Every step of a work record is priced with array
 operations over its (T, S) arrays, in a number of numpy calls that does not grow with T: the decode,
 check and fill parts from dense lookup tables, the steps with a prompt chunk or owed rows (proj,
 recompute) through one batched lookup of the two-axis grids (``_GridSet``: Grid's arithmetic, for many
-grids and points at once).
+grids and points at once). A record of one step (most calls: every prompt chunk, every single decode
+step) is priced on Python floats instead (``_parts1``): the same operations in the same order on the same
+tables, so the same results bit for bit, in a fifth of the time numpy calls on one-row arrays take. The
+fit evaluates the dense decode table on its mesh once per axis (``Grid.on_mesh``). ``with_policy`` shares a
+fitted model's tables between KV policies (eesim/cost_choice.py fits each profile once per process).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +125,56 @@ class Grid:
             o = outside
             out[o] *= self.roof(*[p[o] for p in pts]) / self.roof(*[c[o] for c in clipped])
         return out.reshape(shape), (outside | unmeasured).reshape(shape)
+
+    def on_mesh(self, *points) -> tuple[np.ndarray, np.ndarray]:
+        """``self(*np.meshgrid(*points, indexing="ij"))``, bit for bit: the same operations on each axis's points
+        once, then broadcast (the fit's dense tables: about a million points for a 7B shape)."""
+        n = len(points)
+        shape = tuple(len(p) for p in points)
+
+        def along(v, a):  # v as axis a of the mesh
+            return v.reshape([-1 if b == a else 1 for b in range(n)])
+
+        pts = [np.asarray(p, dtype=np.float64) for p in points]
+        idx, wts, clipped = [], [], []
+        outside = np.zeros(shape, dtype=bool)
+        for a, (x, ax, lg) in enumerate(zip(pts, self.axes, self.logs)):
+            xc = np.clip(x, ax[0], ax[-1])
+            outside |= along(xc != x, a)
+            clipped.append(xc)
+            if len(ax) == 1:
+                idx.append(np.zeros(x.shape, dtype=np.int64))
+                wts.append(np.zeros(x.shape))
+                continue
+            lx = _coord(xc)
+            i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(ax) - 2)
+            idx.append(i)
+            wts.append(np.clip((lx - lg[i]) / (lg[i + 1] - lg[i]), 0.0, 1.0))
+        out = np.zeros(shape)
+        unmeasured = np.zeros(shape, dtype=bool)
+        holes = not self.measured.all()
+        for corner in range(1 << n):
+            w = None  # (1.0 times the first factor is that factor: __call__'s product from ones, exactly)
+            ii = []
+            for a, (i, f) in enumerate(zip(idx, wts)):
+                up = (corner >> a) & 1
+                if up and len(self.axes[a]) == 1:
+                    factor = np.zeros(len(i))
+                    ii.append(along(i, a))
+                else:
+                    factor = f if up else 1.0 - f
+                    ii.append(along(i + up, a))
+                factor = along(factor, a)
+                w = factor if w is None else w * factor
+            ii = tuple(ii)
+            out += w * self.values[ii]
+            if holes:
+                unmeasured |= (w > 0) & ~self.measured[ii]
+        if outside.any() and self.roof is not None:
+            o = outside
+            out[o] *= (self.roof(*[np.broadcast_to(along(p, a), shape)[o] for a, p in enumerate(pts)])
+                       / self.roof(*[np.broadcast_to(along(c, a), shape)[o] for a, c in enumerate(clipped)]))
+        return out, outside | unmeasured
 
 
 LINEAR = True
@@ -268,12 +323,9 @@ class ProfileCostModel:
                 f"{model.num_kv_heads} KV heads, exits {list(model.exit_layers)}, {model.dtype}); profile this shape "
                 f"with `eesim profile`")
         self.model = model
-        if kv_policy is not None and not hasattr(kv_policy, "settle"):
-            from eesim.policies import kv_policy as _kv
-
-            kv_policy = _kv(kv_policy)
-        self.policy = kv_policy
-        self.fill_like = kv_policy is None or (kv_policy.settle == "iteration_end" and kv_policy.work == "kv_projection")
+        self._set_policy(kv_policy)
+        self.label = f"profile:{Path(profile.path).name if profile.path else '(in memory)'} " \
+                     f"({profile.meta.get('gpu') or 'unknown GPU'})"
         self.include_schedule = include_schedule
         meta = profile.meta
         frame = profile.frame
@@ -366,8 +418,7 @@ class ProfileCostModel:
         self.num_nodes = Cn = len(nodes)
         # dec(layers, B, c), the checks and the fill each decode measurement included already taken out
         lay = np.asarray(self.bounds[1:], dtype=np.float64)
-        Lg, Bg, Cg = np.meshgrid(lay, rows[1:], nodes, indexing="ij")
-        raw, flag = self.g_decode(Lg, Bg, Cg)
+        raw, flag = self.g_decode.on_mesh(lay, rows[1:], nodes)
         for axis in range(3):  # deeper, more rows, longer contexts: never cheaper
             raw = np.maximum.accumulate(raw, axis=axis)
         marg = np.diff(np.concatenate([np.zeros((1, Dmax, Cn)), raw]), axis=0)
@@ -380,8 +431,7 @@ class ProfileCostModel:
         self.full_tab = table.sum(axis=0)  # (Dmax + 1, Cn): a full-depth pass
         # fill: rows x layers skipped, dense in both
         if self.g_fill is not None:
-            fl, fr = np.meshgrid(np.arange(L + 1, dtype=np.float64), rows, indexing="ij")
-            ft, _ = self.g_fill(np.maximum(fl, 1), np.maximum(fr, 1))
+            ft, _ = self.g_fill.on_mesh(np.maximum(np.arange(L + 1, dtype=np.float64), 1), np.maximum(rows, 1))
             ft[0] = 0.0
             ft[:, 0] = 0.0
             self.fill_tab = ft  # (L + 1, Dmax + 1)
@@ -443,6 +493,63 @@ class ProfileCostModel:
         self._mixed_lo = float(self.g_mixed.axes[0][0]) if self.g_mixed is not None else 0.0
         self._chk_lo = (float(self.g_mixed_chk.axes[0][0]) if self.g_mixed_chk is not None else 0.0, self._mixed_lo)
         self._chunk_table = _chunk_table(max(model.max_context, 4096))
+        self._init_one_step()
+
+    def _init_one_step(self) -> None:
+        """Plain-Python views of the tables for ``_parts1``, the path of one-step records (most calls: every
+        prompt chunk and every single decode step). Small tables become lists; the large decode and mixed
+        tables are read through memoryviews (Python floats, no copy)."""
+        self._one_step = LINEAR  # (log coordinates would need numpy's log1p bit for bit: the array path)
+        self._s_inner = self._inner_ext.tolist()
+        self._s_nodes = self._nodes_ext.tolist()
+        self._s_steps = self._steps_ext.tolist()
+        self._s_seg_base = self._seg_base.tolist()
+        self._s_dec = memoryview(np.ascontiguousarray(self._dec_pairs).reshape(-1))
+        self._s_code = memoryview(np.ascontiguousarray(self._dec_code))
+        self._s_adj = memoryview(np.ascontiguousarray(self._adj_pairs).reshape(-1))
+        self._s_fill = self._fill_pairs.reshape(-1).tolist()
+        self._s_chk = self.chk_tab.tolist()
+        self._s_chk_eager = self.chk_eager_tab.tolist()
+        self._s_nonterminal = self._nonterminal.tolist()
+        self._s_sched = self.sched_tab.tolist()
+        self._s_seg_layers = self.seg_layers.tolist()
+        self._s_grids = []
+        gs = self._gset
+        if gs is not None:
+            self._s_corners = gs.corners.reshape(-1).tolist()
+            self._s_unmeasured = gs.unmeasured.reshape(-1).tolist() if gs.any_unmeasured else None
+            for g, grid in enumerate(gs.grids):
+                axes = []
+                for a in range(2):
+                    cells = int(np.isfinite(gs.inner[g, a]).sum()) + 1
+                    start = int(gs.starts[g, a])
+                    axes.append((float(gs.lo[g, a]), float(gs.hi[g, a]), gs.inner[g, a, :cells - 1].tolist(),
+                                 gs.logs[start:start + cells].tolist(), gs.steps[start:start + cells].tolist()))
+                self._s_grids.append((*axes[0], *axes[1], int(gs.stride[g]), int(gs.offset[g]), grid.roof))
+
+    def _look1(self, g: int, x0: float, x1: float) -> tuple[float, bool]:
+        """One point of two-axis grid ``g``: ``_GridSet.__call__``'s arithmetic on Python floats."""
+        lo0, hi0, inner0, logs0, steps0, lo1, hi1, inner1, logs1, steps1, stride, offset, roof = self._s_grids[g]
+        c0 = min(max(x0, lo0), hi0)
+        c1 = min(max(x1, lo1), hi1)
+        i0 = bisect_right(inner0, c0)
+        i1 = bisect_right(inner1, c1)
+        f0 = (c0 - logs0[i0]) / steps0[i0]
+        f1 = (c1 - logs1[i1]) / steps1[i1]
+        g0 = 1.0 - f0
+        g1 = 1.0 - f1
+        q = 4 * (i0 * stride + i1 + offset)
+        v = self._s_corners
+        out = (v[q] * g1 + v[q + 1] * f1) * g0 + (v[q + 2] * g1 + v[q + 3] * f1) * f0
+        outside = c0 != x0 or c1 != x1
+        flag = outside
+        u = self._s_unmeasured
+        if u is not None and not flag:
+            flag = ((u[q] and g0 > 0 and g1 > 0) or (u[q + 1] and g0 > 0 and f1 > 0)
+                    or (u[q + 2] and f0 > 0 and g1 > 0) or (u[q + 3] and f0 > 0 and f1 > 0))
+        if outside and roof is not None:
+            out *= float(roof(x0, x1)) / float(roof(c0, c1))
+        return out, flag
 
     def _owed_grid(self, frame, comp, roof):
         sub = frame[frame["component"] == comp]
@@ -472,44 +579,45 @@ class ProfileCostModel:
     # Every step of a work record is priced with array operations over the (T, S) arrays, prompt chunks
     # and owed rows included: a fixed number of numpy calls per record, however many steps it holds.
     def _parts(self, work: IterationWork) -> dict[str, np.ndarray]:
+        # (np.count_nonzero and the ufuncs' own reduce: ndarray.any / .max add a Python layer per call)
         Dmax = self.max_rows
         rec = work.recompute_rows
-        has_rec = rec.any()
+        has_rec = np.count_nonzero(rec) > 0
         D = work.full_rows - rec if has_rec else work.full_rows
         R = work.kv_read
         proj = work.proj_rows
-        has_proj = proj.any()
+        has_proj = np.count_nonzero(proj) > 0
         excess = work.attn_context[:, 0] - R[:, 0]
         chunk = excess > 0.5  # a prompt chunk: attention beyond the KV reads
-        special = chunk
-        if has_rec:
-            special = special | rec.any(axis=1)
-        if has_proj and not self.fill_like:
-            special = special | proj.any(axis=1)
-        any_special = special.any()
+        chunks = np.count_nonzero(chunk)
+        # a step is special when it holds a prompt chunk, re-runs owed rows, or projects them (not fill)
+        any_special = chunks > 0 or has_rec or (has_proj and not self.fill_like)
         ext = None
         chk = work.check_rows
-        all_chunks = any_special and self.g_prefill is not None and chunk.all()
+        all_chunks = any_special and self.g_prefill is not None and chunks == len(chunk)
         if all_chunks:
             # every step holds a prompt chunk: its decode rows, their checks (when exit 0 checked them and the
             # profile has mixed checks) and the schedule are priced in _special
             zeros = np.zeros(len(excess))
             parts = {"decode": zeros}
-            own_checks = self._mixed_checks and (chk[:, 0] > 0).all()
+            own_checks = self._mixed_checks and np.count_nonzero(chk[:, 0] > 0) == len(chk)
         else:
             own_checks = False
             Di = D.astype(np.int64)
+            top = np.maximum.reduce(Di, axis=None)
             # per segment: the dense table, linear in the mean context between its nodes (nodes added at 0
             # and far beyond the last hold the end values: the clamp), rows beyond max_rows on the row past
             # it (the last row's values, flagged), then scaled by the roofline
             c = R / np.maximum(D, 1.0)
             j = np.searchsorted(self._inner_ext, c, side="right")
             f = (c - self._nodes_ext[j]) / self._steps_ext[j]
-            base = self._seg_base + np.minimum(Di, Dmax + 1) * self._cn_ext + j
+            base = self._seg_base + (Di if top <= Dmax + 1 else np.minimum(Di, Dmax + 1)) * self._cn_ext + j
             v = self._dec_pairs[base]
             seg = v[..., 0] * (1.0 - f) + v[..., 1] * f
-            ext = self._dec_code[base] > (f <= 0)  # the lower node's flag, and the upper's if it has weight
-            if Di.max() > Dmax:
+            code = self._dec_code[base]
+            if np.count_nonzero(code):
+                ext = code > (f <= 0)  # the lower node's flag, and the upper's if it has weight
+            if top > Dmax:
                 over = Di > Dmax
                 Dc = np.minimum(Di, Dmax)
                 seg = np.where(over, seg * self._roof_decode(1.0, D, c) / self._roof_decode(1.0, np.maximum(Dc, 1), c),
@@ -517,10 +625,14 @@ class ProfileCostModel:
             parts = {"decode": np.add.reduce(seg, axis=1)}
         if own_checks:
             parts["checks"] = zeros.copy()
-        elif chk.any():
+        elif np.count_nonzero(chk):
             ctab = self.chk_tab if self.fill_like else self.chk_eager_tab
-            parts["checks"] = np.add.reduce(ctab[np.minimum(chk.astype(np.int64), Dmax)]
-                                            * self._nonterminal[work.batch_reach], axis=1)
+            ci = chk.astype(np.int64)
+            try:
+                per = ctab[ci]
+            except IndexError:  # more checked rows than the table: its last row
+                per = ctab[np.minimum(ci, Dmax)]
+            parts["checks"] = np.add.reduce(per * self._nonterminal[work.batch_reach], axis=1)
         if has_proj and self.fill_like:
             rows = np.maximum.reduce(proj, axis=1)
             lm = (proj @ self.seg_layers) / np.maximum(rows, 1.0)
@@ -529,7 +641,8 @@ class ProfileCostModel:
             v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
             parts["fill"] = v[:, 0] * (1 - lf) + v[:, 1] * lf
         if self.include_schedule:
-            parts["schedule"] = zeros.copy() if all_chunks else self.sched_tab[np.minimum(Di[:, 0], Dmax)]
+            parts["schedule"] = zeros.copy() if all_chunks else \
+                self.sched_tab[Di[:, 0] if top <= Dmax else np.minimum(Di[:, 0], Dmax)]
         # extrapolated steps: the decode table's count only the steps it prices (every step but the prompt
         # chunks _special prices: a step special only for its owed rows keeps its decode-table price), the
         # two-axis grids' counts come from _special; a step flagged by both is one step
@@ -689,19 +802,241 @@ class ProfileCostModel:
                     flagged[owing] |= flag
         return flagged
 
+    # ---- one step -------------------------------------------------------------------------------
+    # A record of one step (a prompt chunk, a single decode step: most calls) is priced on Python floats:
+    # the operations of _parts and _special, in the same order, on the same tables, so the same results bit
+    # for bit (sums over segments in numpy's pairwise order, _psum) at a fraction of the cost of numpy calls
+    # on arrays of one row.
+    def _parts1(self, work: IterationWork) -> dict[str, float]:
+        Dmax = self.max_rows
+        full = work.full_rows[0].tolist()
+        rec = work.recompute_rows[0].tolist()
+        has_rec = any(rec)
+        D = [a - b for a, b in zip(full, rec)] if has_rec else full
+        R = work.kv_read[0].tolist()
+        proj = work.proj_rows[0].tolist()
+        has_proj = any(proj)
+        excess = work.attn_context.item(0) - R[0]
+        chunk = excess > 0.5
+        special = chunk or has_rec or (has_proj and not self.fill_like)
+        chk = work.check_rows[0].tolist()
+        all_chunks = special and self.g_prefill is not None and chunk
+        ext = False
+        if all_chunks:
+            parts = {"decode": 0.0}
+            own_checks = self._mixed_checks and chk[0] > 0
+        else:
+            own_checks = False
+            Di = [int(x) for x in D]
+            inner, nodes, steps, dec, code = self._s_inner, self._s_nodes, self._s_steps, self._s_dec, self._s_code
+            ce, top = self._cn_ext, Dmax + 1
+            seg, cs = [], []
+            for s, base in enumerate(self._s_seg_base):
+                c = R[s] / max(D[s], 1.0)
+                j = bisect_right(inner, c)
+                f = (c - nodes[j]) / steps[j]
+                di = Di[s]
+                base += (di if di < top else top) * ce + j
+                seg.append(dec[2 * base] * (1.0 - f) + dec[2 * base + 1] * f)
+                if code[base] > (f <= 0):
+                    ext = True
+                cs.append(c)
+            if max(Di) > Dmax:
+                roof = self._roof_decode
+                for s, di in enumerate(Di):
+                    if di > Dmax:
+                        seg[s] = seg[s] * float(roof(1.0, D[s], cs[s])) / float(roof(1.0, max(min(di, Dmax), 1), cs[s]))
+            parts = {"decode": _psum(seg)}
+        if own_checks:
+            parts["checks"] = 0.0
+        elif any(chk):
+            ctab = self._s_chk if self.fill_like else self._s_chk_eager
+            nt = self._s_nonterminal[int(work.batch_reach[0])]
+            parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
+        if has_proj and self.fill_like:
+            rows = max(proj)
+            lm = sum([p * w for p, w in zip(proj, self._s_seg_layers)]) / max(rows, 1.0)  # integers: exact
+            li = min(int(lm), self.L - 1)
+            lf = lm - li
+            i = 2 * (li * (Dmax + 1) + min(int(rows), Dmax))
+            parts["fill"] = self._s_fill[i] * (1 - lf) + self._s_fill[i + 1] * lf
+        if self.include_schedule:
+            parts["schedule"] = 0.0 if all_chunks else self._s_sched[min(Di[0], Dmax)]
+        flagged = False
+        if ext:  # (then not all_chunks: the decode table priced this step)
+            self.extrapolated_by["decode"] = self.extrapolated_by.get("decode", 0) + 1
+            flagged = True
+        if special and self._special1(work, parts, full, rec, proj, chk, R, excess, has_rec, has_proj, chunk):
+            flagged = True
+        if flagged:
+            self.extrapolated += 1
+            self.extrapolated_steps += 1
+        return parts
+
+    def _special1(self, work, parts, full, rec, proj, chk, R, excess, has_rec, has_proj, chunk) -> bool:
+        """_special for one step; returns whether a component it priced extrapolated."""
+        S = self.S
+        for name in ("prefill", "mixed", "proj", "recompute"):
+            parts[name] = 0.0
+        gid = self._gid
+        look = self._look1
+        flags = []  # (component, extrapolated), in _special's group order
+        for name, rows, on in (("recompute", rec, has_rec), ("proj", proj, has_proj and not self.fill_like)):
+            if on and name in gid:
+                x0 = sum([w for r, w in zip(rows, self._s_seg_layers) if r > 0])  # integers: exact
+                parts[name], flag = look(gid[name], float(x0), float(max(rows)))
+                flags.append((name, flag))
+        if self.g_prefill is not None and chunk:
+            R0, x = R[0], excess
+            r0 = int(full[0] - rec[0] if has_rec else full[0])
+            c0 = chk[0]
+            checked = c0 > 0
+            if checked:
+                d = int(c0)
+                n = max(r0 - d, 2)
+            else:
+                n = r0
+                k = (n + (QUERY_TILE - 1)) // QUERY_TILE
+                e = (x + n * (n - 1) / 2) / max(n - k, 1) if n > k else float(n)
+                if n < 2 or abs(e * k - R0) > 0.5 + 1e-6 * R0:
+                    need = r0 + 1
+                    if need > len(self._chunk_table):
+                        self._chunk_table = _chunk_table(max(need, 2 * len(self._chunk_table)))
+                    n = int(_chunks_from_excess(np.array([x]), np.array([r0]), self._chunk_table)[0])
+                d = max(r0 - n, 0)
+            k = (n + (QUERY_TILE - 1)) // QUERY_TILE
+            e = (x + n * (n - 1) / 2) / (n - k)
+            p = max(e - n, 0.0)
+            fn = float(n)
+            pf, flag = look(gid["prefill"], p, fn)
+            flags.append(("prefill", flag))
+            decode_part = 0.0
+            if self.g_mixed is not None:
+                mx = d > 0
+                base_v = look(gid["prefill"], 0.0, fn)[0]
+                mixed_v, flag = look(gid["mixed"], float(d) if mx else self._mixed_lo, fn)
+                flags.append(("mixed", flag and mx))
+                dd = max(d, 1)
+                cc = max(R0 - e * k, float(d)) / dd  # mean context of the decode rows
+                owed = [a - b for a, b in zip(full, rec)] if has_rec else full
+                scale = sum([max(o - n, 0.0) * w for o, w in zip(owed, self._s_seg_layers)]) / (self.L * dd)
+                dd = min(d, self.max_rows)
+                j = bisect_right(self._s_inner, cc)
+                fc = (cc - self._s_nodes[j]) / self._s_steps[j]
+                i = 2 * (dd * self._cn_ext + j)
+                adj = self._s_adj[i] * (1.0 - fc) + self._s_adj[i + 1] * fc
+                decode_part = max((mixed_v - base_v) * scale + adj * scale, -0.5 * pf) if mx else 0.0
+                if self.g_mixed_chk is not None and "checks" in parts:
+                    g_hi, g_lo, div = gid["mixed_chk"], gid["mixed"], max(S - 1, 1)
+                    per, seen = [], {}
+                    for c in chk:
+                        if c > 0:
+                            v = seen.get(c)
+                            if v is None:
+                                v = seen[c] = max(look(g_hi, c, fn)[0] - look(g_lo, c, fn)[0], 0.0) / div
+                            per.append(v)
+                        else:
+                            per.append(0.0)
+                    if checked or (mx and seen):
+                        parts["checks"] = _psum(per)
+            parts["decode"] = 0.0
+            if "schedule" in parts:
+                parts["schedule"] = self._s_sched[min(d + 1, self.max_rows)]
+            parts["prefill"] = pf
+            parts["mixed"] = decode_part
+        hit = False
+        by = self.extrapolated_by
+        for name, flag in flags:
+            if flag:
+                by[name] = by.get(name, 0) + 1
+                hit = True
+        return hit
+
     def iteration_time(self, work: IterationWork) -> np.ndarray:
+        if self._one_step and len(work.syncs) == 1:
+            values = iter(self._parts1(work).values())
+            total = next(values)
+            for v in values:
+                total += v
+            return np.array([total])
         parts = self._parts(work)
-        total = parts.pop("decode").copy()
+        total = parts.pop("decode")  # (a fresh array of this call's)
         for v in parts.values():
             total += v
         return total
 
     def breakdown(self, work: IterationWork) -> dict[str, float]:
+        if self._one_step and len(work.syncs) == 1:
+            return {name: float(v) for name, v in self._parts1(work).items()}
         return {name: float(v.sum()) for name, v in self._parts(work).items()}
 
     def reset_counters(self) -> None:
         self.extrapolated = self.extrapolated_steps = 0
         self.extrapolated_by = {}
+
+    def _set_policy(self, kv_policy) -> None:
+        if kv_policy is not None and not hasattr(kv_policy, "settle"):
+            from eesim.policies import kv_policy as _kv
+
+            kv_policy = _kv(kv_policy)
+        self.policy = kv_policy
+        self.fill_like = kv_policy is None or (kv_policy.settle == "iteration_end" and kv_policy.work == "kv_projection")
+
+    def with_policy(self, kv_policy) -> ProfileCostModel:
+        """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing
+        else depends on the policy), so one profile is fitted once however many policies it prices."""
+        import copy
+
+        other = copy.copy(self)
+        other._set_policy(kv_policy)
+        other.reset_counters()
+        return other
+
+
+def _psum_pairwise(values: list[float]) -> float:
+    """The sum numpy's ``add.reduce`` computes over a contiguous row (its pairwise summation: eight running sums
+    for up to 128 values, halves above), so that a step priced on Python floats equals the same step priced
+    in an array, bit for bit."""
+    n = len(values)
+    if n < 8:
+        total = 0.0
+        for v in values:
+            total += v
+        return total
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return _psum_pairwise(values[:half]) + _psum_pairwise(values[half:])
+    r = values[:8]
+    i, stop = 8, n - n % 8
+    while i < stop:
+        for j in range(8):
+            r[j] += values[i + j]
+        i += 8
+    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        total += values[i]
+        i += 1
+    return total
+
+
+def _psum_numpy(values: list[float]) -> float:
+    return float(np.add.reduce(np.array(values, dtype=np.float64)))
+
+
+def _pick_psum():
+    """_psum_pairwise where it reproduces this numpy's row sums on values that tell summation orders apart,
+    else numpy itself (slower, as exact)."""
+    rng = np.random.default_rng(0)
+    for n in (*range(1, 20), 31, 64, 127, 128, 129, 200, 300):
+        rows = rng.choice([1e16, -1e16, 1.0, 3.3, 1e-3, 7e15], size=(4, n)) * rng.random((4, n))
+        want = np.add.reduce(rows, axis=1)
+        if any(_psum_pairwise(row) != w for row, w in zip(rows.tolist(), want.tolist())):
+            return _psum_numpy
+    return _psum_pairwise
+
+
+_psum = _pick_psum()
 
 
 def _chunk_table(rows: int) -> np.ndarray:

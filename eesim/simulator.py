@@ -15,7 +15,8 @@ import numpy as np
 import simpy
 
 from eesim.config import SimConfig
-from eesim.cost_model import AnalyticalCostModel, CostModel
+from eesim.cost_choice import cost_label, resolve_cost_model
+from eesim.cost_model import CostModel
 from eesim.errors import EesimError
 from eesim.metrics import ITERATION_COLUMNS, IterationLog, SimResult, build_result
 from eesim.policies import exit_rule, kv_policy, measure
@@ -83,7 +84,8 @@ class ReplicaSim:
 
 def simulate(workload: Workload, config: SimConfig, cost_model: CostModel | None = None) -> SimResult:
     """Serve ``workload`` on ``config.replicas`` simulated replicas; returns per-request and
-    per-iteration tables and a run summary."""
+    per-iteration tables and a run summary. ``cost_model``: prices the iterations; by default the one
+    ``config.cost_model`` names (eesim.cost_choice; the summary's ``cost_model`` says which priced the run)."""
     model = config.model
     rule = exit_rule(config.exit_rule)
     policy = kv_policy(config.kv_policy)
@@ -91,7 +93,7 @@ def simulate(workload: Workload, config: SimConfig, cost_model: CostModel | None
     threshold = parse_threshold(config.threshold, conf_measure)
     if config.replicas < 1:
         raise EesimError(f"replicas must be at least 1, got {config.replicas}")
-    cost = cost_model or AnalyticalCostModel(model, config.hardware)
+    cost = cost_model if cost_model is not None else resolve_cost_model(config)
     num_blocks = config.scheduler.num_blocks or config.hardware.kv_blocks(model, config.scheduler.block_size)
 
     env = simpy.Environment()
@@ -124,7 +126,7 @@ def simulate(workload: Workload, config: SimConfig, cost_model: CostModel | None
     labels = {"exit_rule": repr(rule), "kv_policy": policy.name, "measure": conf_measure.name,
               "threshold": str(threshold), "model": model.name, "hardware": config.hardware.name,
               "replicas": config.replicas, "router": config.router, "seed": config.seed,
-              "workload": workload.source, "exit_layers": list(model.all_exits)}
+              "workload": workload.source, "cost_model": cost_label(cost), "exit_layers": list(model.all_exits)}
     work_logs = {r.index: r.work_log for r in replicas}
     return build_result(sequences, log.frame(), model, labels, work_logs, cost)
 

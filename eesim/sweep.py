@@ -19,12 +19,14 @@ Settings (``SETTINGS``): model, hardware, memory_gb, workload, rate_scale (multi
 arrival rate, as --rate-scale), rate (requests/s of a poisson/gamma generator workload, replacing its
 rate; the duration stays), max_requests, exit_trace, policy ("rule" or "rule + kv_policy"), measure,
 threshold (a number, decay:..., or calibrated:PATH), max_num_seqs, max_batched_tokens, block_size,
-num_blocks, replicas, router, seed. A rule that never exits (``full``) ignores measure, threshold and KV
-policy: it runs once per combination of the other settings.
+num_blocks, replicas, router, seed, cost_model (auto, analytical, profile or a profile parquet path: see
+eesim.cost_choice). A rule that never exits (``full``) ignores measure, threshold and KV policy: it runs
+once per combination of the other settings.
 
 Each cell is one ``simulate()``; its row holds the cell's settings, a stable ``cell`` key (a hash of
 the settings), the run's summary (``SimResult.summary``: throughput, TTFT/ITL/TPOT/e2e percentiles,
-quality, mean_layers, ...), ``threshold_value`` and ``elapsed_s``. The results file (parquet) is
+quality, mean_layers, ...), ``cost_model_label`` (the cost model that priced it, as the summary's
+``cost_model`` names it), ``threshold_value`` and ``elapsed_s``. The results file (parquet) is
 rewritten atomically after every finished cell, so an interrupted sweep leaves a consistent file, and
 a rerun skips the cells already in it (rows of cells not in the current grid are kept).
 
@@ -64,7 +66,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "policy": ("str", "all_confident + fill"), "measure": ("str", "max_prob"), "threshold": ("number_or_str", 0.9),
     "max_num_seqs": ("int", 256), "max_batched_tokens": ("int", 2048), "block_size": ("int", 16),
     "num_blocks": ("nonneg_int", 0), "replicas": ("int", 1), "router": ("str", "round_robin"),
-    "seed": ("any_int", 0),
+    "seed": ("any_int", 0), "cost_model": ("str", "auto"),
 }
 SECTIONS = ("base", "grid")
 RATE_SETTINGS = ("rate_scale", "rate")
@@ -76,6 +78,7 @@ GOODPUT_COLUMNS = {
     "max_rate_per_replica": "the same per replica",
     "throughput_tok_s": "output tokens/s at that scale", "ttft_p90": "s", "itl_p99": "s", "quality": "",
     "mean_layers": "", "evaluations": "simulations run by the search",
+    "cost_model_label": "the cost model that priced the runs (the summary's cost_model)",
 }
 
 
@@ -261,7 +264,10 @@ def build_run(cell: dict, keep_work: int = 0):
     scheduler = SchedulerConfig(c["max_num_seqs"], c["max_batched_tokens"], c["block_size"], c["num_blocks"])
     config = SimConfig(model, hardware, trace, exit_rule=rule, kv_policy=kv, measure=conf_measure, threshold=threshold,
                        scheduler=scheduler, replicas=c["replicas"], router=c["router"], seed=c["seed"],
-                       keep_work=keep_work)
+                       keep_work=keep_work, cost_model=c["cost_model"])
+    from eesim.cost_choice import resolve_cost_model
+
+    resolve_cost_model(config)  # refuse a bad cost model up front (the fit is kept for the runs)
     notes = [f"exit trace: {source}"] + ([f"{clipped} requests clipped to {model.max_context} tokens"] if clipped else [])
     return config, workload, notes
 
@@ -275,6 +281,7 @@ def run_cell(cell: dict) -> dict:
     result = simulate(workload, config)
     row = dict(cell)
     row["threshold_value"] = config.threshold.value if config.exit_rule.checks_confidence else float("nan")
+    row["cost_model_label"] = result.summary["cost_model"]
     for key, value in result.summary.items():
         if key not in row and key not in SUMMARY_LABELS:
             row[key] = value
@@ -389,10 +396,17 @@ def _add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _as_config(config) -> tuple[dict, str]:
+def _as_config(config, cost_model: str | None = None) -> tuple[dict, str]:
     if isinstance(config, (str, os.PathLike)):
-        return load_sweep_config(config), f"sweep config {config}"
-    return validate_config(config), "sweep config"
+        data, where = load_sweep_config(config), f"sweep config {config}"
+    else:
+        data, where = validate_config(config), "sweep config"
+    if cost_model is not None:  # one cost model for every cell, in place of the config's
+        require("cost_model" not in data["grid"],
+                f"{where}: cost_model is swept in [grid]; give it there or as --cost-model, not both")
+        data = {"base": {**data["base"], "cost_model": _check_value("cost_model", cost_model, "--cost-model")},
+                "grid": data["grid"]}
+    return data, where
 
 
 def _progress(total: int, initial: int, progress: bool, desc: str):
@@ -402,7 +416,7 @@ def _progress(total: int, initial: int, progress: bool, desc: str):
 
 
 def sweep(config, out=None, *, workers: int | None = None, ray_address: str | None = None, resume: bool = True,
-          progress: bool = True) -> pd.DataFrame:
+          progress: bool = True, cost_model: str | None = None) -> pd.DataFrame:
     """Run every cell of ``config`` (a path to TOML/JSON, or a dict with ``base`` and ``grid``).
 
     Returns one row per cell of this grid, in grid order: the cell's settings, ``cell`` (its key),
@@ -411,8 +425,9 @@ def sweep(config, out=None, *, workers: int | None = None, ray_address: str | No
     ``out``: a parquet file kept up to date after each cell; with ``resume``, cells already in it are
     not rerun. ``workers``: local processes (default: all cores; 1 runs in this process);
     ``ray_address``: run each cell as a Ray task instead (``auto``, ``ray://host:10001``, ...).
+    ``cost_model``: the cost model of every cell, in place of the config's (see eesim.cost_choice).
     """
-    data, where = _as_config(config)
+    data, where = _as_config(config, cost_model)
     cells = expand(data, where)
     workers = default_workers() if workers in (None, 0) else workers
     require(workers >= 1, f"workers must be >= 1, got {workers}")
@@ -448,11 +463,14 @@ def _goodput_task(task: dict) -> dict:
                                                                           "max_doublings"))
     evaluations = []
 
+    labels = []
+
     def run(scale: float):
         config, workload, _ = build_run(cell | {"rate_scale": scale})
         s = simulate(workload, config).summary
         rate = workload.num_requests / workload.duration if workload.duration > 0 else float("nan")
         evaluations.append(scale)
+        labels.append(s["cost_model"])
         return s, rate
 
     best = None
@@ -490,6 +508,7 @@ def _goodput_task(task: dict) -> dict:
         row |= {"max_rate_scale": scale, "max_rate_req_s": rate, "max_rate_per_replica": rate / cell["replicas"]}
         for k in ("throughput_tok_s", "ttft_p90", "itl_p99", "quality", "mean_layers"):
             row[k] = float(s[k])
+    row["cost_model_label"] = labels[0]
     row["objectives"] = json.dumps(objectives, sort_keys=True)
     return row
 
@@ -497,18 +516,20 @@ def _goodput_task(task: dict) -> dict:
 def max_goodput(config, ttft_p90: float | None = None, itl_p99: float | None = None, *,
                 objectives: dict[str, float] | None = None, low: float = 0.25, high: float = 2.0,
                 tolerance: float = 0.05, max_evaluations: int = 16, max_doublings: int = 6,
-                workers: int | None = None, ray_address: str | None = None, progress: bool = True) -> pd.DataFrame:
+                workers: int | None = None, ray_address: str | None = None, progress: bool = True,
+                cost_model: str | None = None) -> pd.DataFrame:
     """The highest rate scale per cell (the grid without rate_scale) meeting the latency objectives.
 
     Objectives: ``ttft_p90`` and ``itl_p99`` in seconds, plus any ``objectives`` {summary column: max}.
     The search runs at ``low``, then ``high`` doubling (at most ``max_doublings`` times) while it
     passes, then bisects geometrically until hi/lo <= 1 + tolerance. Columns: the cell's settings and
     ``GOODPUT_COLUMNS`` (status, max_rate_scale, max_rate_req_s, ...) measured at the scale found.
+    ``cost_model``: the cost model of every cell, in place of the config's (see eesim.cost_choice).
     """
     import pandas as pd
     from eesim.metrics import PERCENTILES
 
-    data, where = _as_config(config)
+    data, where = _as_config(config, cost_model)
     goals = dict(objectives or {})
     if ttft_p90 is not None:
         goals["ttft_p90"] = ttft_p90
@@ -569,8 +590,9 @@ def _print_frame(frame: pd.DataFrame, columns: dict[str, str], title: str, limit
 SWEEP_TABLE = {"policy": "policy", "threshold": "threshold", "rate_scale": "rate x", "rate": "rate/s",
                "replicas": "replicas", "max_num_seqs": "max seqs", "max_batched_tokens": "max tokens",
                "throughput_tok_s": "tok/s", "speedup": "speedup", "ttft_p90": "TTFT p90 ms", "itl_p99": "ITL p99 ms",
-               "quality": "quality", "mean_layers": "layers/token"}
+               "quality": "quality", "mean_layers": "layers/token", "cost_model": "cost model"}
 GOODPUT_TABLE = {"policy": "policy", "threshold": "threshold", "replicas": "replicas", "max_num_seqs": "max seqs",
+                 "cost_model": "cost model",
                  "status": "status", "max_rate_scale": "rate x", "max_rate_req_s": "req/s",
                  "throughput_tok_s": "tok/s", "ttft_p90": "TTFT p90 ms", "itl_p99": "ITL p99 ms", "quality": "quality"}
 
@@ -581,12 +603,19 @@ def _varying(frame: pd.DataFrame, table: dict[str, str]) -> dict[str, str]:
             if k not in SETTINGS or (k in frame and frame[k].astype(str).nunique() > 1) or k == "policy"}
 
 
+def _costs(frame: pd.DataFrame) -> str:
+    """The cost models that priced the rows, for a table's title."""
+    labels = frame["cost_model_label"].dropna().astype(str) if "cost_model_label" in frame else []
+    return f"; cost model {', '.join(dict.fromkeys(labels))}" if len(labels) else ""
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     require(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     started = time.perf_counter()
     frame = sweep(args.config, args.out, workers=args.workers or None, ray_address=args.ray_address or None,
-                  resume=not args.no_resume, progress=not args.quiet)
-    _print_frame(frame, _varying(frame, SWEEP_TABLE), f"eesim sweep — {args.config} ({len(frame)} cells)")
+                  resume=not args.no_resume, progress=not args.quiet, cost_model=args.cost_model)
+    _print_frame(frame, _varying(frame, SWEEP_TABLE),
+                 f"eesim sweep — {args.config} ({len(frame)} cells{_costs(frame)})")
     print(f"wrote {args.out} ({len(frame)} cells, {time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -595,10 +624,11 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     require(args.ttft_p90 is not None or args.itl_p99 is not None, "eesim goodput: give --ttft-p90 and/or --itl-p99")
     frame = max_goodput(args.config, args.ttft_p90, args.itl_p99, low=args.low, high=args.high,
                         tolerance=args.tolerance, workers=args.workers or None,
-                        ray_address=args.ray_address or None, progress=not args.quiet)
+                        ray_address=args.ray_address or None, progress=not args.quiet, cost_model=args.cost_model)
     goals = " and ".join(f"{k} <= {v * 1e3:g} ms" for k, v in (("TTFT p90", args.ttft_p90), ("ITL p99", args.itl_p99))
                          if v is not None)
-    _print_frame(frame, _varying(frame, GOODPUT_TABLE), f"eesim goodput — {args.config}: highest rate with {goals}")
+    _print_frame(frame, _varying(frame, GOODPUT_TABLE),
+                 f"eesim goodput — {args.config}: highest rate with {goals}{_costs(frame)}")
     if args.out:
         from eesim.atomic import write_atomic
 
@@ -618,6 +648,9 @@ def add_cli(subparsers) -> None:
         p.add_argument("--workers", type=int, default=0, help="local worker processes (0: all cores, 1: in-process)")
         p.add_argument("--ray-address", default="", help="run cells as Ray tasks on this cluster (e.g. auto)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--cost-model", default=None,
+                       help="cost model of every cell, in place of the config's cost_model (default: the config's, "
+                            "else auto): auto, analytical, profile, or a profile parquet path")
         if name == "sweep":
             p.add_argument("--out", default="eesim-out/sweep.parquet", help="results table (parquet), resumable")
             p.add_argument("--no-resume", action="store_true", help="rerun every cell, replacing the results file")

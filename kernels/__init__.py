@@ -16,12 +16,14 @@ from .fused_fill import fused_fill, fused_fill_ref
 from .gemv import MAX_ROWS as SKINNY_MAX_ROWS, skinny_linear, skinny_linear_ref
 from .kv_store import store_kv, store_kv_ref
 from .paged_attention import paged_decode_attention, paged_decode_attention_ref
+from .prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .rmsnorm import rmsnorm, rmsnorm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_tables
 
 __all__ = [
     "HAVE_TRITON", "use_triton",
     "paged_decode_attention", "paged_decode_attention_ref",
+    "paged_prefill_attention", "paged_prefill_attention_ref",
     "store_kv", "store_kv_ref",
     "fused_fill", "fused_fill_ref",
     "rmsnorm", "rmsnorm_ref",

@@ -88,6 +88,31 @@ def _rotary_case(n, heads, kv_heads, head_dim, dtype):
     return "rotary", f"n{n} h{heads}/{kv_heads} d{head_dim}", lambda: apply_rotary(q, k, pos, cos, sin), nbytes
 
 
+def _prefill_case(chunk, prefix, heads, kv_heads, head_dim, block_size, dtype):
+    """One sequence's prompt chunk of ``chunk`` rows after ``prefix`` cached tokens: the paged kernel,
+    and torch SDPA on contiguous K/V (bottom-right causal, the flash path) as the alternative."""
+    from eesim.kernels import paged_prefill_attention
+    from torch.nn.attention.bias import causal_lower_right
+
+    ctx = prefix + chunk
+    blocks_per = -(-ctx // block_size)
+    bt = torch.randperm(blocks_per, device="cuda").to(torch.int32).view(1, blocks_per)
+    kc = torch.randn(blocks_per, block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(chunk, heads, head_dim, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    pos = torch.arange(prefix, ctx, dtype=torch.int32, device="cuda")
+    paged = lambda: paged_prefill_attention(q, kc, vc, bt, cu, pos, chunk)  # noqa: E731
+    # SDPA wants (batch, heads, len, head_dim); K/V come with all query heads (7B is MHA).
+    qd = q.transpose(0, 1)[None].contiguous()
+    kd = torch.randn(1, heads, ctx, head_dim, device="cuda", dtype=dtype)
+    vd = torch.randn_like(kd)
+    mask = causal_lower_right(chunk, ctx)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)  # noqa: E731
+    flops = 4 * heads * head_dim * sum(p + 1 for p in range(prefix, ctx))
+    return f"chunk{chunk} prefix{prefix} h{heads}/{kv_heads} d{head_dim} bs{block_size}", paged, sdpa, flops
+
+
 def _ensure_importable() -> None:
     # Running from a source checkout: make `eesim.kernels` resolve to this folder even before
     # eesim/__init__ maps it (it does so only once policies/__init__.py exists).
@@ -143,6 +168,21 @@ def main(argv=None) -> int:
         ms = triton.testing.do_bench(fn, return_mode="median")
         print(f"{name:<20} {shape:<36} {ms * 1e3:>10.1f} {nbytes / (ms * 1e-3) / 1e9:>8.0f}")
         del fn
+        torch.cuda.empty_cache()
+
+    # Prefill attention is compute bound: report causal TFLOP/s (4 * heads * head_dim * sum over
+    # rows of (pos + 1)) next to torch SDPA on contiguous K/V of the same shape.
+    prefill = [(512, 0), (512, 1536)] + ([] if args.quick else [(2048, 0), (2048, 1536)])
+    print(f"\n{'prefill attention':<44} {'paged ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} {'TFLOP/s':>8}")
+    for chunk, prefix in prefill:
+        shape, paged, sdpa, flops = _prefill_case(chunk, prefix, 32, 32, 128, 16, dtype)
+        times = []
+        for fn in (paged, sdpa):
+            fn()  # compile / pick the backend outside the timed region
+            times.append(triton.testing.do_bench(fn, return_mode="median"))
+        tf = [flops / (ms * 1e-3) / 1e12 for ms in times]
+        print(f"{shape:<44} {times[0]:>9.3f} {tf[0]:>8.0f} {times[1]:>9.3f} {tf[1]:>8.0f}")
+        del paged, sdpa
         torch.cuda.empty_cache()
     return 0
 

@@ -29,6 +29,8 @@ def test_compare_writes_table_plot_and_timeline(tmp_path):
     assert list(summary["policy"]) == ["full", "all_confident + fill", "all_confident + copy_hidden",
                                        "quorum:q=0.5 + fill", "quorum:q=0.5 + copy_hidden"]
     assert summary.loc[0, "speedup"] == 1.0
+    # the preset's own exits on its profiled GPU: the bundled profile prices every run (--cost-model auto)
+    assert summary["cost_model"].str.startswith("profile:llama2-7b.parquet (NVIDIA H100").all()
     assert (out / "comparison.png").stat().st_size > 10_000
     requests = pd.read_parquet(out / "requests.parquet")
     assert set(requests["policy"]) == set(summary["policy"])
@@ -37,7 +39,7 @@ def test_compare_writes_table_plot_and_timeline(tmp_path):
     assert slices and all({"ts", "dur", "pid", "tid", "args"} <= set(e) for e in slices)
     assert {e["pid"] for e in slices} == set(range(5))
     components = [e for e in events if e.get("cat") == "component"]
-    assert any(e["name"].startswith("layers") for e in components)
+    assert {"decode", "prefill"} <= {e["name"] for e in components}  # the profile model's components
     assert not list(out.glob(".*tmp")), "temporary files left behind"
 
 
@@ -61,6 +63,11 @@ def test_simulate_one_policy(tmp_path):
     (["--model", "gpt5"], "unknown model preset"),
     (["--exit-trace", "{trace_bad}"], "exit trace"),
     (["--replicas", "0"], "replicas must be at least 1"),
+    (["--cost-model", "roofline"], "cost model 'roofline': not one of auto, analytical, profile"),
+    (["--cost-model", "{trace_bad}"], "not a readable parquet file"),
+    (["--exit-trace", "synthetic", "--cost-model", "traces/profiles/small.parquet"], "measured for shape 'small'"),
+    (["--hardware", "h200", "--exit-trace", "synthetic", "--cost-model", "profile"], "measured on 'nvidia h100"),
+    (["--cost-model", "profile"], "no bundled profile for the shape of 'llama2-7b'"),  # the recorded trace's exits
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     files = {"csv_missing": tmp_path / "nope.csv", "csv_bad": tmp_path / "bad.csv",
@@ -145,6 +152,8 @@ def test_validate_compares_real_time_serving_with_the_simulator(tmp_path):
     # replay mode: the executor makes the simulator's exit decisions, so the depth per token agrees exactly
     assert errors.loc["layers per token", "error"] == pytest.approx(0.0, abs=1e-12)
     requests = pd.read_parquet(tmp_path / "requests.parquet")
-    assert set(requests["run"]) == {"executor (measured, real time)", "simulator (analytical)"}
+    # the small preset's exits on the H100: its bundled profile prices the simulation
+    assert set(requests["run"]) == {"executor (measured, real time)",
+                                    "simulator (profile:small.parquet (NVIDIA H100 80GB HBM3))"}
     events = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
     assert {e["pid"] for e in events if e.get("cat") == "iteration"} == {0, 1}

@@ -340,3 +340,34 @@ def test_extrapolation_counted_per_component(profile_path):
     model.iteration_time(w)
     assert model.extrapolated_steps == 1 and model.extrapolated_by.get("decode") == 1
     assert model.extrapolated_by.get("recompute") == 1
+
+
+@pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
+def test_one_step_path_equals_the_array_path_bit_for_bit(profile_path, tmp_path, kv):
+    # one-step records (most of the simulator's calls) are priced on Python floats: the same numbers, bit for bit,
+    # as the array path, with the same breakdown and the same extrapolation counts, holes in the grids included
+    frame = synthetic_frame(noise=0.05, seed=4)
+    holes = (frame.component == "prefill") & (frame.context == 2048) & (frame.tokens == 2048)
+    path = tmp_path / "holes.parquet"
+    write_profile(path, frame[~holes], META)
+    for source in (profile_path, path):
+        fast = ProfileCostModel(source, SPEC, kv_policy=kv)
+        slow = ProfileCostModel(source, SPEC, kv_policy=kv)
+        slow._one_step = False
+        work = _mixed_record(np.random.default_rng(11), SPEC, 120)
+        for t in range(120):
+            step = work.step(t)
+            assert fast.iteration_time(step).tolist() == slow.iteration_time(step).tolist(), t
+            assert fast.breakdown(step) == slow.breakdown(step), t
+        assert fast.extrapolated_by == slow.extrapolated_by and fast.extrapolated_steps == slow.extrapolated_steps
+        assert fast.extrapolated_steps > 0
+
+
+def test_pairwise_sum_is_numpys():
+    from eesim.profile_cost import _psum
+
+    rng = np.random.default_rng(2)
+    rows = rng.choice([1e16, -1e16, 1.0, 3.3, 1e-3], size=(50, 9)) * rng.random((50, 9))
+    for n in (1, 3, 7, 8, 9):
+        want = np.add.reduce(rows[:, :n], axis=1).tolist()
+        assert [_psum(r) for r in rows[:, :n].tolist()] == want

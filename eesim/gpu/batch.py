@@ -65,3 +65,70 @@ class MetaStager:
         if dev is not host:
             dev.copy_(host, non_blocking=True)
         return DecodeMeta(dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n], dev[4 * n:].view(n, width))
+
+
+@dataclass
+class LayerMeta:
+    """What every layer of one stretch reads about its rows (device tensors).
+
+    Rows ``0 .. num_paged-1`` are one-token decode rows (paged decode attention over ``block_tables``
+    and ``context_lens``); the rows after them, up to ``positions``' length, belong to ``chunk_rows``'s
+    sequences, contiguously (prefill chunks, then recompute's extra rows), and attend causally through
+    ``paged_prefill_attention`` over ``chunk_tables``. ``slots`` also holds, after the rows, the slots
+    of the ``proj_hidden`` entries whose K/V only is projected (copy_hidden)."""
+
+    positions: Tensor  # (n,) int32
+    slots: Tensor  # (n + M,) int32
+    num_paged: int
+    block_tables: Tensor | None = None  # (num_paged, width) int32
+    context_lens: Tensor | None = None  # (num_paged,) int32
+    chunk_rows: Tensor | None = None  # (C + 1,) int32 cumulative row counts, relative to num_paged
+    chunk_tables: Tensor | None = None  # (C, width) int32
+    max_chunk_rows: int = 0
+    proj_hidden: Tensor | None = None  # (M, d)
+    proj_positions: Tensor | None = None  # (M,) int32
+
+
+class PinnedStager:
+    """Ships several small int arrays to the device in one non-blocking copy from pinned memory.
+
+    A ring of pinned buffers, each guarded by an event recorded after its copy, so that a buffer is
+    rewritten only once the GPU has read it (the general path stages once per change of its rows,
+    several times in one iteration)."""
+
+    def __init__(self, device: torch.device, ring: int = 4) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._ring: list[list] = [[None, None, None] for _ in range(ring)]  # host, device, event
+        self._next = 0
+
+    def stage(self, *arrays: np.ndarray) -> list[Tensor]:
+        sizes = [int(a.size) for a in arrays]
+        total = max(sum(sizes), 1)
+        slot = self._ring[self._next]
+        self._next = (self._next + 1) % len(self._ring)
+        host, dev, event = slot
+        if event is not None:
+            event.synchronize()
+        if host is None or host.numel() < total:
+            cap = 1 << (total - 1).bit_length()
+            host = torch.empty(cap, dtype=torch.int32, pin_memory=self.cuda)
+            dev = torch.empty_like(host, device=self.device) if self.cuda else None
+            slot[0], slot[1] = host, dev
+        h = host.numpy()
+        off = 0
+        for a, n in zip(arrays, sizes):
+            h[off:off + n] = a.reshape(-1)
+            off += n
+        if self.cuda:
+            dev[:total].copy_(host[:total], non_blocking=True)
+            slot[2] = torch.cuda.Event()
+            slot[2].record()
+            src = dev
+        else:
+            src = host[:total].clone()  # the CPU path reads its own copy: the ring buffer is reused
+        out, off = [], 0
+        for a, n in zip(arrays, sizes):
+            out.append(src[off:off + n].view(a.shape))
+            off += n
+        return out

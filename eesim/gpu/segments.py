@@ -4,7 +4,8 @@ A stretch runs layers ``lo .. hi-1`` and then its tail, all inside the graph:
 - ``("check", s)``: the measure at intermediate exit ``s`` (exit head + confidence, or cosine against
   the stretch's input) and, when the measure computed logits, their argmax (the token of rows that
   leave there);
-- ``"final"``: the last exit's head and argmax (the emitted tokens of rows that ran to the end).
+- ``"final"``: the last exit's head and argmax (the emitted tokens of rows that ran to the end);
+- ``None``: nothing (the general path's stretches of decode rows, which check exits eagerly).
 So a step pays one graph launch per exit checked and one small host read per check (the confidence
 values), instead of an eager head, eager measure and host-built metadata per segment. With no checks
 the whole depth, the embedding lookup and the final head are one graph.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from eesim.gpu.batch import DecodeMeta
+from eesim.gpu.batch import DecodeMeta, LayerMeta
 from eesim.kernels import max_prob_argmax
 
 
@@ -56,18 +57,18 @@ class SegmentGraphs:
         return self._xbuf[n]
 
     def _body(self, lo: int, hi: int, meta: DecodeMeta, tail) -> StretchOut:
-        from eesim.gpu.executor import _SegmentMeta  # the layer's metadata record
-
         ex = self.ex
         n = meta.ids.shape[0]
         xbuf = self._buf(n)
         x = torch.index_select(ex.model.embed_tokens.weight, 0, meta.ids) if lo == 0 else xbuf
-        m = _SegmentMeta(meta.positions, meta.slots, n, meta.block_tables, meta.context_lens, [], None, None)
+        m = LayerMeta(meta.positions, meta.slots, n, meta.block_tables, meta.context_lens)
         y = x
         for layer in range(lo, hi):
             y = ex._layer(layer, y, m)
         conf = token = None
-        if tail == "final":
+        if tail is None:
+            pass
+        elif tail == "final":
             token = ex._exit_logits(ex._model_exit[-1], y).argmax(-1)
         elif ex.measure.column == "max_prob":  # confidence and argmax in one kernel
             logits = ex._exit_logits(ex._model_exit[tail[1]], y)
@@ -78,6 +79,13 @@ class SegmentGraphs:
             token = logits.argmax(-1) if logits is not None else None
         xbuf.copy_(y)
         return StretchOut(xbuf, conf, token)
+
+    def run_layers(self, lo: int, hi: int, x: Tensor, meta: DecodeMeta) -> Tensor:
+        """Layers lo..hi-1 from ``x`` with no head after them (the general path's decode-only stretches);
+        returns the batch size's residual buffer."""
+        if lo > 0:
+            self.set_x(x)
+        return self.run(lo, hi, meta, None).x
 
     def run(self, lo: int, hi: int, meta: DecodeMeta, tail) -> StretchOut:
         ex = self.ex

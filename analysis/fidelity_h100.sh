@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The fidelity study in one GPU command (< 600 s): profile llama2-7b on this machine, then run the
+# simulator-vs-executor matrix (benchmarks/fidelity_matrix.py: every exit rule x KV policy at the loads
+# in $LOADS) against that profile; then, with the time left, the GPU correctness check of the executor's
+# eager KV policies. Results go to $OUT.   OUT=out LOADS=light:3,heavy:8 bash analysis/fidelity_h100.sh
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
+LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}
+left() { echo $((585 - (SECONDS - S))); }
+nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1
+timeout 140 python -m eesim.profiler --model llama2-7b --exits 8,16,24 --out "$OUT/llama2-7b.parquet" --time-limit 100 --quiet >> "$L" 2>&1
+echo "== profiled at $((SECONDS - S)) s" >> "$L"
+R=$(left)
+timeout "$R" python benchmarks/fidelity_matrix.py --profile "$OUT/llama2-7b.parquet" --loads "$LOADS" \
+    --duration "$DURATION" --time-limit $((R - 60)) --out "$OUT" >> "$L" 2>&1
+echo "== matrix at $((SECONDS - S)) s" >> "$L"
+R=$(left)
+if [ "$R" -gt 40 ]; then
+    timeout "$R" python benchmarks/gpu_check.py --policies copy_hidden,recompute >> "$L" 2>&1
+    echo "== gpu check (rc $?) at $((SECONDS - S)) s" >> "$L"
+fi
+tail -c 11000 "$L"

@@ -1,0 +1,100 @@
+"""The graphed decode path: a plan of one-token decode rows, stretch by stretch through CUDA graphs.
+
+Covers the plans ``GPUExecutor._graphed_decode_ok`` admits (every row a decode step; exits settled by
+fill, or no exits and nothing owed): ``batch.MetaStager`` ships the rows' metadata in one copy and
+``segments.SegmentGraphs`` runs each stretch between exits checked (the whole depth when none is) as
+one CUDA graph with the exit's head and confidence, or the final head, inside. After each check the
+host reads the confidences (a few bytes), the rule decides, and the batch shrinks by the rows that
+left; their owed K/V is filled in one ``fused_fill`` launch at the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from eesim.kernels import fused_fill
+from eesim.plan import IterationPlan
+
+
+def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One decode step of every row through ``SegmentGraphs``: one stretch per exit checked (one
+    with no checks), a host read of the confidences after each, the batch shrinking as rows leave."""
+    spec, dev, bs = ex.spec, ex.device, ex.block_size
+    seqs = plan.seqs
+    B, S, bounds = len(seqs), spec.num_segments, spec.segment_bounds
+    exit_index = np.full(B, S - 1, dtype=np.int64)
+    forced = np.zeros(B, dtype=bool)
+    tokens = np.full(B, -1, dtype=np.int64)
+    ex.last_logits, ex.last_hidden = {}, {}
+    pos = plan.start.astype(np.int64)
+    blocks = [seq.blocks for seq in seqs]
+    slots = np.array([blocks[b][pos[b] // bs] * bs + pos[b] % bs for b in range(B)], dtype=np.int64)
+    ids = np.array([ex.token_at(seq, int(p)) for seq, p in zip(seqs, pos)], dtype=np.int64)
+    checks = ex.rule.checks_confidence and bool(plan.can_exit.any())
+    confident_all = ex._replay_confident(plan) if (ex.mode == "replay" and checks) else None
+    graphs = ex._segment_graphs
+
+    active = np.arange(B)
+    meta = ex._stager.stage(ids, pos, slots, blocks)
+    fill_h: list[Tensor] = []
+    fill_rows: list[np.ndarray] = []  # rows that left, per exit
+    fill_layer: list[int] = []
+    pending: list[tuple[np.ndarray, Tensor]] = []  # (rows, argmax on device)
+    lo = 0
+    for s in range(S):
+        hi = bounds[s + 1]
+        if s < S - 1 and not checks:
+            continue  # no check here: the next stretch runs on through these layers
+        out = graphs.run(lo, hi, meta, "final" if s == S - 1 else ("check", s))
+        lo = hi
+        if s == S - 1:
+            emit = plan.emits[active]
+            pending.append((active[emit], out.token[torch.as_tensor(np.flatnonzero(emit), device=dev)]
+                            if not emit.all() else out.token))
+            break
+        values = ex._to_host(out.conf)  # the exit decision's host sync (a few bytes)
+        conf = np.zeros(B, dtype=bool)
+        if confident_all is not None:
+            conf[:] = confident_all[:, s]
+        else:
+            conf[active] = ex.measure.confident(values, ex.threshold.at(plan.token_index[active],
+                                                                           ex.measure))
+        act_mask = np.zeros(B, dtype=bool)
+        act_mask[active] = True
+        leaving = np.asarray(ex.rule.decide(conf, act_mask, s), dtype=bool) & act_mask
+        if not leaving.any():
+            continue
+        leave_local = np.flatnonzero(leaving[active])
+        leave_rows = active[leave_local]
+        exit_index[leave_rows] = s
+        forced[leave_rows] = ~conf[leave_rows]
+        leave_t = torch.as_tensor(leave_local, device=dev)
+        h_exit = out.x[leave_t]
+        tok = out.token[leave_t] if out.token is not None else \
+            ex._exit_logits(ex._model_exit[s], h_exit).argmax(-1)
+        pending.append((leave_rows, tok))
+        fill_h.append(h_exit)
+        fill_rows.append(leave_rows)
+        fill_layer.append(hi)
+        keep = np.flatnonzero(~leaving[active])
+        if not len(keep):
+            break
+        x_keep = out.x[torch.as_tensor(keep, device=dev)]
+        active = active[keep]
+        meta = ex._stager.stage(ids[active], pos[active], slots[active], [blocks[b] for b in active])
+        graphs.set_x(x_keep)
+
+    if fill_h:  # owed K/V of the rows that left, every layer they skipped: one launch
+        rows = np.concatenate(fill_rows)
+        layer = np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)])
+        layer_t, pos_t, slot_t = ex._pinned.stage(layer.astype(np.int32), pos[rows].astype(np.int32),
+                                                  slots[rows].astype(np.int32))
+        w = ex.weights
+        fused_fill(torch.cat(fill_h), layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, ex.eps,
+                   ex.cos, ex.sin, ex.k_cache, ex.v_cache, backend=ex.backend)
+    if pending:
+        rows = np.concatenate([r for r, _ in pending])
+        tokens[rows] = torch.cat([t for _, t in pending]).cpu().numpy()
+    return exit_index, forced, tokens
