@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fidelity study in one GPU command (< 600 s): profile llama2-7b on this machine, then run the
+# The fidelity study in one GPU command (< 600 s): profile llama2-7b on this machine (unless $PROFILE), then run the
 # simulator-vs-executor matrix (benchmarks/fidelity_matrix.py: every exit rule x KV policy at the loads
 # in $LOADS) against that profile; then, with the time left, the GPU correctness check of the executor's
 # eager KV policies. Results go to $OUT.   OUT=out LOADS=light:3,heavy:8 bash analysis/fidelity_h100.sh
@@ -10,10 +10,16 @@ LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}
 left() { echo $((585 - (SECONDS - S))); }
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1
-timeout 140 python -m eesim.profiler --model llama2-7b --exits 8,16,24 --out "$OUT/llama2-7b.parquet" --time-limit 100 --quiet >> "$L" 2>&1
-echo "== profiled at $((SECONDS - S)) s" >> "$L"
+# PROFILE: a profile of this machine to use as it is (default: measure one now, at the preset's exits;
+# the matrix prices the recorded trace's exits 8/16/24 through profile_cost.restrict_exits)
+PROFILE=${PROFILE:-}
+if [ -z "$PROFILE" ]; then
+    PROFILE=$OUT/llama2-7b.parquet
+    timeout 140 python -m eesim.profiler --model llama2-7b --out "$PROFILE" --time-limit 100 --quiet >> "$L" 2>&1
+    echo "== profiled at $((SECONDS - S)) s" >> "$L"
+fi
 R=$(left)
-timeout "$R" python benchmarks/fidelity_matrix.py --profile "$OUT/llama2-7b.parquet" --loads "$LOADS" \
+timeout "$R" python benchmarks/fidelity_matrix.py --profile "$PROFILE" --loads "$LOADS" \
     --duration "$DURATION" --time-limit $((R - 60)) --out "$OUT" >> "$L" 2>&1
 echo "== matrix at $((SECONDS - S)) s" >> "$L"
 R=$(left)

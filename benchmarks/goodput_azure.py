@@ -29,7 +29,7 @@ process pool (``--workers``); each simulation is one ``eesim.simulate`` of the w
 Cost models: ``profile`` (default) is ``ProfileCostModel`` on ``traces/profiles/llama2-7b.parquet`` (the
 H100 profile of the GPU executor, 2026-11-22); ``analytical`` is the simulator's roofline default. The
 profile was measured with exits every 4 layers (4, 8, ..., 28) and the recorded trace drives exits at 8,
-16, 24, so the profile is first restricted to those exits (``profile_for_exits``: decode points at the
+16, 24, so the profile is first restricted to those exits (``eesim.profile_cost.restrict_exits``: decode points at the
 kept depths with the checks the profiled passes made at the dropped exits taken back out, and the check
 measurements rescaled to the kept number of checks, per-check cost unchanged).
 
@@ -72,61 +72,6 @@ def settings_key(opts: tuple) -> str:
 
 
 # ---- the profile, restricted to the exits the recorded trace uses --------------------------------------
-def profile_for_exits(profile, model):
-    """``profile`` (measured at its model's exits) as if measured at ``model``'s exits, a subset of them.
-
-    ProfileCostModel prices a model with exactly the profile's exits. Measurements that do not depend on
-    the exits (full-depth decode, prefill, mixed without checks, fill, proj, recompute, schedule, fixed)
-    are kept as they are. Decode passes that stop at a kept exit e ran a check at every profiled exit
-    before e; the cost model takes out the checks at the model's exits before e, so the checks at the
-    dropped ones are taken out here (priced from the profile's own check grid, as the cost model does).
-    Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
-    exits at once; they are rescaled to the model's number of checks, keeping the per-check cost.
-    Decode points at dropped exits are removed.
-    """
-    from eesim.profile_cost import ProfileCostModel
-    from eesim.profile_data import Profile, spec_to_meta
-
-    pm = profile.model
-    if tuple(pm.exit_layers) == tuple(model.exit_layers):
-        return profile
-    if not set(model.exit_layers) <= set(pm.exit_layers):
-        raise SystemExit(f"profile exits {list(pm.exit_layers)} do not include the model's {list(model.exit_layers)}")
-    ref = ProfileCostModel(profile, pm, kv_policy="fill", include_schedule=False)
-    ratio = (model.num_segments - 1) / (pm.num_segments - 1)
-    f = profile.frame.copy()
-    comp = f["component"].to_numpy()
-    med = f["median_s"].to_numpy(dtype=np.float64).copy()
-    for name in ("check", "check_eager"):
-        m = comp == name
-        if m.any():
-            full = ref.g_full(f.loc[m, "batch"].to_numpy(float), f.loc[m, "context"].to_numpy(float))[0]
-            med[m] = full + (med[m] - full) * ratio
-    no_checks = f[(f["component"] == "mixed") & (f["checks"] == 0)].set_index(["batch", "tokens", "context"])["median_s"]
-    mixed_checked = (comp == "mixed") & (f["checks"].to_numpy() > 0)
-    for i in np.flatnonzero(mixed_checked):
-        base = no_checks.get((f["batch"].iat[i], f["tokens"].iat[i], f["context"].iat[i]), np.nan)
-        if np.isfinite(base):
-            med[i] = base + (med[i] - base) * ratio
-    L = model.num_layers
-    layers = f["layers"].to_numpy()
-    decode = comp == "decode"
-    keep = ~decode | np.isin(layers, [*model.exit_layers, L])
-    inner = decode & keep & (layers < L)
-    k_prof = {e: i for i, e in enumerate(pm.all_exits)}
-    k_model = {e: i for i, e in enumerate(model.all_exits)}
-    dropped = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[inner]], dtype=np.float64)
-    rows = np.minimum(f["batch"].to_numpy().astype(np.int64), ref.max_rows)
-    med[inner] -= dropped * ref.chk_tab[rows[inner]]
-    f["median_s"] = med
-    checks = np.isin(comp, ("check", "check_eager")) | mixed_checked
-    f.loc[checks, "checks"] = model.num_segments - 1
-    meta = dict(profile.meta)
-    meta["model"] = spec_to_meta(model)
-    meta["derived"] = f"exits {list(pm.exit_layers)} restricted to {list(model.exit_layers)} (benchmarks/goodput_azure.py)"
-    return Profile(f[keep].reset_index(drop=True), meta, profile.path)
-
-
 # ---- one simulation (in a worker) ------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _setup(opts: tuple):
@@ -151,7 +96,7 @@ def _cost_model(opts: tuple, kv: str):
     from eesim.profile_data import read_profile
 
     _, model, _, _, _ = _setup(opts)
-    return ProfileCostModel(profile_for_exits(read_profile(o["profile"]), model), model, kv_policy=kv)
+    return ProfileCostModel(read_profile(o["profile"]), model, kv_policy=kv)
 
 
 def simulate_at(opts: tuple, rule: str, kv: str, replicas: int, scale: float) -> dict:

@@ -83,7 +83,8 @@ def decode_plan(ex: GPUExecutor, batch: int, ctx: int):
 
 
 def time_steps(ex, plan, warmup, repeats):
-    outs = [ex.execute(plan) for _ in range(warmup)]
+    for _ in range(warmup):
+        ex.execute(plan)
     times = []
     for _ in range(repeats):
         out = ex.execute(plan)

@@ -65,9 +65,77 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def profile_for(model: ModelSpec, folder: str | Path = PROFILE_DIR) -> Path | None:
-    """The profile of ``model``'s shape in ``folder`` (traces/profiles/<shape>.parquet), if there is one."""
+    """The profile of ``model``'s shape in ``folder`` (traces/profiles/<shape>.parquet), if there is one; else
+    that of a preset of the same shape with more exits (ProfileCostModel prices through ``restrict_exits``)."""
     path = Path(folder) / f"{shape_name(model)}.parquet"
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    from dataclasses import replace
+
+    from eesim.model_spec import MODEL_PRESETS
+
+    for name, preset in MODEL_PRESETS.items():
+        if set(model.exit_layers) <= set(preset.exit_layers) and \
+                shape_key(replace(preset, exit_layers=tuple(model.exit_layers))) == shape_key(model):
+            path = Path(folder) / f"{name}.parquet"
+            if path.is_file():
+                return path
+    return None
+
+
+def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
+    """``profile`` (measured at its model's exits) as if measured at ``model``'s exits, a subset of them.
+
+    ProfileCostModel prices a model with exactly the profile's exits. Measurements that do not depend on
+    the exits (full-depth decode, prefill, mixed without checks, fill, proj, recompute, schedule, fixed)
+    are kept as they are. Decode passes that stop at a kept exit e ran a check at every profiled exit
+    before e; the cost model takes out the checks at the model's exits before e, so the checks at the
+    dropped ones are taken out here (priced from the profile's own check grid, as the cost model does).
+    Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
+    exits at once; they are rescaled to the model's number of checks, keeping the per-check cost.
+    Decode points at dropped exits are removed.
+    """
+    from eesim.profile_data import spec_to_meta
+
+    pm = profile.model
+    if tuple(pm.exit_layers) == tuple(model.exit_layers):
+        return profile
+    if not set(model.exit_layers) <= set(pm.exit_layers):
+        raise EesimError(f"profile {profile.path or '(in memory)'!r}: its exits {list(pm.exit_layers)} do not include "
+                         f"the model's {list(model.exit_layers)}")
+    ref = ProfileCostModel(profile, pm, kv_policy="fill", include_schedule=False)
+    ratio = (model.num_segments - 1) / (pm.num_segments - 1)
+    f = profile.frame.copy()
+    comp = f["component"].to_numpy()
+    med = f["median_s"].to_numpy(dtype=np.float64).copy()
+    for name in ("check", "check_eager"):
+        m = comp == name
+        if m.any():
+            full = ref.g_full(f.loc[m, "batch"].to_numpy(float), f.loc[m, "context"].to_numpy(float))[0]
+            med[m] = full + (med[m] - full) * ratio
+    no_checks = f[(f["component"] == "mixed") & (f["checks"] == 0)].set_index(["batch", "tokens", "context"])["median_s"]
+    mixed_checked = (comp == "mixed") & (f["checks"].to_numpy() > 0)
+    for i in np.flatnonzero(mixed_checked):
+        base = no_checks.get((f["batch"].iat[i], f["tokens"].iat[i], f["context"].iat[i]), np.nan)
+        if np.isfinite(base):
+            med[i] = base + (med[i] - base) * ratio
+    L = model.num_layers
+    layers = f["layers"].to_numpy()
+    decode = comp == "decode"
+    keep = ~decode | np.isin(layers, [*model.exit_layers, L])
+    inner = decode & keep & (layers < L)
+    k_prof = {e: i for i, e in enumerate(pm.all_exits)}
+    k_model = {e: i for i, e in enumerate(model.all_exits)}
+    dropped = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[inner]], dtype=np.float64)
+    rows = np.minimum(f["batch"].to_numpy().astype(np.int64), ref.max_rows)
+    med[inner] -= dropped * ref.chk_tab[rows[inner]]
+    f["median_s"] = med
+    checks = np.isin(comp, ("check", "check_eager")) | mixed_checked
+    f.loc[checks, "checks"] = model.num_segments - 1
+    meta = dict(profile.meta)
+    meta["model"] = spec_to_meta(model)
+    meta["derived"] = f"exits {list(pm.exit_layers)} restricted to {list(model.exit_layers)} (restrict_exits)"
+    return Profile(f[keep].reset_index(drop=True), meta, profile.path)
 
 
 class Grid:
@@ -315,6 +383,12 @@ class ProfileCostModel:
             profile = read_profile(profile)
         self.profile = profile
         pm = profile.model
+        if shape_key(pm) != shape_key(model) and set(model.exit_layers) < set(pm.exit_layers):
+            from dataclasses import replace
+
+            if shape_key(replace(pm, exit_layers=tuple(model.exit_layers))) == shape_key(model):
+                profile = restrict_exits(profile, model)  # a subset of the profiled exits
+                self.profile, pm = profile, profile.model
         if shape_key(pm) != shape_key(model):
             raise EesimError(
                 f"profile {profile.path or '(in memory)'!r} was measured for shape {pm.name!r} ({pm.num_layers} "

@@ -1,8 +1,8 @@
 """The simulator against the hardware, on the same work: ``eesim validate``.
 
 Serves a workload on the GPU executor in real time (requests arrive at their wall-clock times, as a
-server would see them), after one untimed pass of the same workload so that CUDA-graph captures and
-kernel compilation stay out of the timed run; then simulates the same workload and configuration
+server would see them), after one untimed real-time pass of the same workload so that CUDA-graph
+captures and kernel compilation stay out of the timed run; then simulates the same workload and configuration
 (same requests, same recorded generations, same scheduler) and reports the simulator's error per
 metric against the goals of the fidelity study.
 """
@@ -49,7 +49,10 @@ def validate(workload: Workload, config: SimConfig, executor, cost_model: CostMo
     from eesim.gpu.serve import serve
     from eesim.simulator import simulate
 
-    serve(workload, config, executor)  # untimed: graph captures and compilation happen here
+    # Untimed: graph captures and compilation happen here. In real time, so that the batches (and
+    # with them the CUDA-graph shapes) are those the timed pass will see; a capture in the timed pass
+    # would stall it for a whole model pass.
+    serve(workload, config, executor, realtime=True)
     measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)

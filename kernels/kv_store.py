@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ._common import next_pow2, tl, triton, use_triton
 
 

@@ -67,7 +67,6 @@ def test_simulate_one_policy(tmp_path):
     (["--cost-model", "{trace_bad}"], "not a readable parquet file"),
     (["--exit-trace", "synthetic", "--cost-model", "traces/profiles/small.parquet"], "measured for shape 'small'"),
     (["--hardware", "h200", "--exit-trace", "synthetic", "--cost-model", "profile"], "measured on 'nvidia h100"),
-    (["--cost-model", "profile"], "no bundled profile for the shape of 'llama2-7b'"),  # the recorded trace's exits
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     files = {"csv_missing": tmp_path / "nope.csv", "csv_bad": tmp_path / "bad.csv",

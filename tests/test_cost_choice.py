@@ -50,8 +50,24 @@ def test_auto_picks_the_bundled_llama2_profile_on_the_h100():
     assert isinstance(resolve_cost_model(cfg(LLAMA, dataclasses.replace(H100, memory_bytes=40e9))), ProfileCostModel)
 
 
+def test_auto_restricts_the_profile_to_a_subset_of_its_exits():
+    """The recorded trace's exits (8/16/24) are a subset of the profiled ones (every 4th layer)."""
+    import numpy as np
+    from test_profile_cost import decode_work
+
+    narrowed = LLAMA.with_exits((8, 16, 24))
+    cost = resolve_cost_model(cfg(narrowed))
+    assert isinstance(cost, ProfileCostModel) and cost.label.startswith("profile:llama2-7b.parquet")
+    assert list(cost.profile.model.exit_layers) == [8, 16, 24]
+    assert "restricted" in cost.profile.meta["derived"]
+    # no checks made, full depth: the same price as from the whole profile
+    whole = resolve_cost_model(cfg(LLAMA))
+    assert np.isclose(cost.iteration_time(decode_work(narrowed, 8, 512)),
+                      whole.iteration_time(decode_work(LLAMA, 8, 512)), rtol=1e-9).all()
+
+
 @pytest.mark.parametrize("model, hardware", [
-    (LLAMA.with_exits((8, 16, 24)), H100),  # another shape (the recorded trace's exits): no profile
+    (LLAMA.with_exits((8, 16, 26)), H100),  # exits the profile has not measured: no profile
     (LLAMA, H200),  # the profile was measured on an H100
     (LLAMA, dataclasses.replace(H100, bandwidth_fraction=0.7)),  # not the H100 preset as shipped
     (LLAMA, dataclasses.replace(H100, name="my-gpu")),
@@ -115,7 +131,7 @@ def test_bad_values_refused_in_one_line(tmp_path, value, message):
 
 def test_profile_refused_without_a_matching_bundled_profile(folder, tmp_path):
     with pytest.raises(EesimError, match="no bundled profile for the shape of 'llama2-7b'"):
-        resolve_cost_model(cfg(LLAMA.with_exits((8, 16, 24)), cost_model="profile"))
+        resolve_cost_model(cfg(LLAMA.with_exits((8, 16, 26)), cost_model="profile"))
     with pytest.raises(EesimError, match="measured on 'NVIDIA H100 80GB HBM3', not on hardware 'h200'"):
         resolve_cost_model(cfg(hardware=H200, cost_model="profile"), folder=folder)
     with pytest.raises(EesimError, match="no bundled profile"):

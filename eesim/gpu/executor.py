@@ -176,8 +176,11 @@ class GPUExecutor:
 
         if hasattr(self, "k_cache"):
             self._ensure_hidden_pool()
-            self._segment_graphs.reset()
-            self._mixed_graphs.reset()
+            # decode graphs' tails hold the exit heads and the measure; the mixed graphs hold layers only
+            tails = (tuple(spec.exit_layers), self.measure.column, self.measure.name)
+            if tails != getattr(self, "_tails", tails):
+                self._segment_graphs.reset()
+            self._tails = tails
 
     def _ensure_hidden_pool(self) -> None:
         # Kept exit hidden states (and carried residuals), one row per KV slot.

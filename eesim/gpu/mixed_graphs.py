@@ -6,10 +6,11 @@ reads; iterations of one size spread over 25-50 ms). A graph replays the whole s
 
 Graphs need fixed shapes and fixed addresses, so the rows are padded to buckets, as serving engines do:
 decode rows to a power of two, chunk tokens to a power of two from 16 to 256 and to a multiple of 128
-above (``token_bucket``), the number of chunks to a power of two, block-table widths to multiples of 32
-blocks. Padding rows write no K/V (slot -1, which ``store_kv`` skips), decode padding attends one key of block 0, chunk padding belongs to no chunk (the
-prefill kernel leaves it alone); every layer treats rows independently, so padding never reaches a real
-row. One static metadata buffer and one input buffer per padded shape; a graph per (stretch, shape).
+above (``token_bucket``), the number of chunks to a power of two (at least 8), block tables to the
+longest context. Padding rows write no K/V (slot -1, which ``store_kv`` skips), decode padding attends
+one key of block 0, chunk padding belongs to no chunk (the prefill kernel leaves it alone); every layer
+treats rows independently, so padding never reaches a real row. One static metadata buffer and one
+input buffer per padded shape; a graph per (stretch, shape).
 
 Layout of a padded batch: decode rows ``0 .. P-1``, padding to ``P_pad``, then the chunks' tokens
 ``P_pad .. P_pad+T-1``, padding to ``P_pad + T_pad``.
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from eesim.gpu.batch import LayerMeta
 
-WIDTH_QUANTUM = 32  # blocks
+MIN_CHUNKS = 8  # prompt chunks per padded shape, at least (empty chunks cost nothing)
 
 
 def pow2(n: int, least: int = 1) -> int:
@@ -34,10 +35,6 @@ def token_bucket(n: int) -> int:
     """Chunk tokens: powers of two from 16 to 256, then multiples of 128 (prefill is compute bound, so
     padding 590 tokens to 1024 would cost ~40% more time; multiples of 128 keep the waste under 22%)."""
     return pow2(n, 16) if n <= 256 else -(-int(n) // 128) * 128
-
-
-def quantize(n: int) -> int:
-    return max(1, -(-int(n) // WIDTH_QUANTUM)) * WIDTH_QUANTUM
 
 
 class _Shape:
@@ -93,6 +90,9 @@ class MixedGraphs:
         self._shapes: dict[tuple, _Shape] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
+        # Block tables as wide as the longest context: one width, so fewer shapes to capture (the
+        # attention kernels size their work by the rows' own contexts).
+        self.width = -(-executor.spec.max_context // executor.block_size)
 
     def reset(self) -> None:
         self._graphs.clear()
@@ -100,8 +100,9 @@ class MixedGraphs:
 
     def prepare(self, a: dict) -> _Shape:
         """The padded shape for metadata arrays ``a`` (from general_path), with the metadata staged."""
-        key = (pow2(a["num_paged"]), token_bucket(a["num_chunk_rows"]), pow2(len(a["cu"]) - 1),
-               quantize(a["tables"].shape[1]) if a["num_paged"] else 0, quantize(a["chunk_tables"].shape[1]))
+        p, width = a["num_paged"], self.width
+        key = (pow2(p), token_bucket(a["num_chunk_rows"]), max(MIN_CHUNKS, pow2(len(a["cu"]) - 1)), width if p else 0,
+               width)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(self.ex, *key)
