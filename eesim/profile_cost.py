@@ -16,7 +16,8 @@ iteration's work into the profiled components and adds them up:
   checks, else assuming the chunk starts a prompt) and priced from the prefill grid (tokens x
   context), plus what its decode rows add (mixed grid, decode rows x chunk tokens) and their checks;
 - proj / recompute (copy_hidden, recompute): owed rows x layers, the marginal over a full-depth step;
-- host scheduling time per iteration by batch size (``include_schedule``).
+- host time per iteration by batch size (``include_schedule``): ``Scheduler.schedule`` and, when the
+  profile measured it, the serving loop's bookkeeping after the GPU (priced as part of ``schedule``).
 
 Interpolation is multilinear in the sizes themselves over each grid (decode time is close to
 a + b B + c C + d B C, which bilinear interpolation reproduces; in log(1 + size) it overshot interior points
@@ -450,6 +451,7 @@ class ProfileCostModel:
             return _grid(sub, [col], roof_batch) if len(sub) else None
 
         self.g_sched = one_d("schedule")
+        self.g_book = one_d("bookkeeping")  # profiles from before 2026-11-22 evening have none: 0
         chk = frame[frame["component"] == "check"]
         chk_e = frame[frame["component"] == "check_eager"]
         self.g_fill = _grid(frame[frame["component"] == "fill"], ["layers", "batch"], roof_fill) \
@@ -515,6 +517,8 @@ class ProfileCostModel:
             self.sched_tab = self.g_sched(np.maximum(rows, 1))[0]
         else:
             self.sched_tab = np.zeros(Dmax + 1)
+        if self.g_book is not None:  # the serving loop's host work after the GPU rides with the schedule's
+            self.sched_tab = self.sched_tab + self.g_book(np.maximum(rows, 1))[0]
         self._segs = np.arange(S)
         # ---- for the vectorised evaluation ----
         # decode: the table with a node at 0 and one far beyond the last (copies of the end nodes: linear

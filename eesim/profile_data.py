@@ -2,9 +2,10 @@
 
 A profile is one parquet file, one row per measurement::
 
-    component  str    decode | check | check_eager | fill | prefill | mixed | proj | recompute | schedule | fixed
+    component  str    decode | check | check_eager | fill | prefill | mixed | proj | recompute | schedule | fixed |
+                      bookkeeping
     layers     int64  layers run (decode), layers skipped (fill), layers projected / re-run (proj, recompute)
-    batch      int64  decode rows (decode, check, mixed, proj, recompute), exited rows (fill), running seqs (schedule)
+    batch      int64  decode rows (decode, check, mixed, proj, recompute), exited rows (fill), running seqs (schedule, bookkeeping)
     context    int64  positions per decode row (decode, check, mixed), cached positions before a chunk (prefill)
     tokens     int64  prefill chunk tokens (prefill, mixed), owed rows (proj, recompute)
     checks     int64  exits checked (check, check_eager, mixed)
@@ -35,7 +36,8 @@ from eesim.model_spec import ModelSpec
 
 FORMAT = 1
 META_KEY = b"eesim_profile"
-COMPONENTS = ("decode", "check", "check_eager", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed")
+COMPONENTS = ("decode", "check", "check_eager", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed",
+              "bookkeeping")
 COORDS = ("layers", "batch", "context", "tokens", "checks")
 COLUMNS = ("component", *COORDS, "median_s", "p25_s", "p75_s", "repeats")
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_size", "vocab_size",

@@ -23,6 +23,9 @@ Components (coordinates in brackets; policy fill unless said; every decode row m
   recompute  [layers, batch, tokens]  recompute: ``tokens`` owed positions re-run the last ``layers``
              layers beside their rows
   schedule   [batch]  host seconds of ``Scheduler.schedule`` for ``batch`` running decode sequences
+  bookkeeping [batch] host seconds a serving loop spends per iteration after the GPU: the executor's
+                      tail after its last kernel (outcome, work count), ``Scheduler.update`` and the
+                      iteration log's record, for ``batch`` running decode sequences
   fixed      []  the smallest iteration: one row, 16 positions, full depth
 
 The file is rewritten atomically after each grid point; a rerun skips the points already in it (it
@@ -61,7 +64,7 @@ class ProfileGrid:
     owed_rows: tuple[int, ...] = (1, 8, 32, 128)
     owed_batch: int = 8
     owed_context: int = 512
-    components: tuple[str, ...] = ("schedule", "fixed", "decode", "check", "check_eager", "fill", "prefill", "mixed",
+    components: tuple[str, ...] = ("schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill", "prefill", "mixed",
                                    "proj", "recompute")
     warmup: int = 2
     repeats: int = 7
@@ -196,6 +199,8 @@ class Profiler:
         comps = g.components
         if "schedule" in comps:
             pts += [("schedule", 0, b, 0, 0, 0) for b in g.batches]
+        if "bookkeeping" in comps:
+            pts += [("bookkeeping", L, b, 0, 0, 0) for b in g.batches]
         if "fixed" in comps:
             pts.append(("fixed", L, 1, 16, 0, 0))
         if "decode" in comps and L in layers:  # full depth first (the checks are priced against it)
@@ -272,6 +277,26 @@ class Profiler:
                 sched.schedule()
                 if i >= self.grid.warmup:
                     times.append(time.perf_counter() - t0)
+            self.record(point, times)
+            return setting
+        if comp == "bookkeeping":
+            from eesim.metrics import IterationLog
+
+            if setting != ("full", "fill"):
+                ex.configure(spec, "full", "fill", "max_prob", 0.9, "model", None)
+                setting = ("full", "fill")
+            ctx = 512 if self.fits(512 * batch, batch) else 16
+            times = []
+            for i in range(self.grid.warmup + max(self.grid.repeats, 5)):
+                sched, plan = self.state([ctx] * batch)
+                t0 = time.perf_counter()
+                outcome = ex.execute(plan)
+                tail = max(0.0, time.perf_counter() - t0 - float(outcome.elapsed[0]))
+                t1 = time.perf_counter()
+                sched.update(plan, outcome, [1.0])
+                IterationLog().record(0, plan, outcome, 0.0, [1.0], sched)
+                if i >= self.grid.warmup:
+                    times.append(tail + time.perf_counter() - t1)
             self.record(point, times)
             return setting
         if comp in ("fixed", "decode"):

@@ -371,3 +371,18 @@ def test_pairwise_sum_is_numpys():
     for n in (1, 3, 7, 8, 9):
         want = np.add.reduce(rows[:, :n], axis=1).tolist()
         assert [_psum(r) for r in rows[:, :n].tolist()] == want
+
+
+def test_bookkeeping_is_priced_with_the_schedule(profile_path, tmp_path):
+    """A profile that measured the serving loop's host bookkeeping adds it to every iteration's host time."""
+    frame = synthetic_frame()
+    extra = pd.DataFrame([dict(component="bookkeeping", layers=SPEC.num_layers, batch=b, context=0, tokens=0,
+                               checks=0, median_s=1e-3 + 1e-6 * b, p25_s=1e-3, p75_s=1.1e-3, repeats=5)
+                          for b in BATCHES])
+    path = tmp_path / "with_bookkeeping.parquet"
+    write_profile(path, pd.concat([frame, extra], ignore_index=True), META)
+    without, with_ = ProfileCostModel(profile_path, SPEC), ProfileCostModel(path, SPEC)
+    for b in (1, 8):
+        work = decode_work(SPEC, b, 512)
+        added = with_.iteration_time(work) - without.iteration_time(work)
+        assert np.allclose(added, 1e-3 + 1e-6 * b, rtol=1e-6)

@@ -40,8 +40,8 @@ def test_every_grid_point_present(swept):
     got = set(map(tuple, frame[["component", "layers", "batch", "context", "tokens", "checks"]].itertuples(
         index=False, name=None)))
     assert got == set(prof.points())
-    assert set(frame["component"]) == {"schedule", "fixed", "decode", "check", "check_eager", "fill", "prefill",
-                                       "mixed", "proj", "recompute"}
+    assert set(frame["component"]) == {"schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill",
+                                       "prefill", "mixed", "proj", "recompute"}
     # decode: every exit layer and the last x every batch x context
     dec = frame[frame.component == "decode"]
     assert len(dec) == len(SPEC.all_exits) * 2 * 2

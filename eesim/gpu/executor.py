@@ -283,7 +283,7 @@ class GPUExecutor:
 
     def _stretch_graphable(self, m: LayerMeta, x: Tensor) -> bool:
         """A stretch of the general path that may run as a decode graph: decode rows only, nothing projected."""
-        return (self.cuda_graphs and self.device.type == "cuda" and m.num_paged == x.shape[0] > 0
+        return (self.cuda_graphs and m.num_paged == x.shape[0] > 0  # (off CUDA the same stretch runs eagerly)
                 and m.chunk_rows is None and m.proj_hidden is None)
 
     def _to_host(self, t: Tensor) -> np.ndarray:

@@ -158,7 +158,7 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
         if meta is None or len(new_full) or len(carried) or len(proj) or meta.num_paged != len(active):
             arrays = _meta_arrays(ex, blocks, active, pos_active, slot_active, chunked, chunk_counts, chunk_pos,
                                   chunk_slots, owed, new_full, proj)
-            graphed = ex.cuda_graphs and ex.device.type == "cuda" and not len(new_full) and not len(proj)
+            graphed = ex.cuda_graphs and not len(new_full) and not len(proj)  # (eager off CUDA)
             mixed = ex._mixed_graphs.prepare(arrays) if graphed and T else None
             meta, idx = _stage(ex, arrays)
             x = x[:base]
