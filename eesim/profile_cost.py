@@ -402,6 +402,7 @@ class ProfileCostModel:
         self.label = f"profile:{Path(profile.path).name if profile.path else '(in memory)'} " \
                      f"({profile.meta.get('gpu') or 'unknown GPU'})"
         self.include_schedule = include_schedule
+        self.chunk_padding = profile.meta.get("chunk_padding")  # how the profiled executor padded prompt chunks
         meta = profile.meta
         frame = profile.frame
         L, S = model.num_layers, model.num_segments
@@ -794,17 +795,18 @@ class ProfileCostModel:
             k = (n + (QUERY_TILE - 1)) // QUERY_TILE
             e = (x + n * (n - 1) / 2) / (n - k)
             p = np.maximum(e - n, 0.0)
-            groups.append(("prefill", t, gid["prefill"], p, n))
+            nb = padded_tokens(n.astype(np.float64), self.chunk_padding)  # what the executor ran
+            groups.append(("prefill", t, gid["prefill"], p, nb))
             mixed = self.g_mixed is not None
             checks_on = False
             if mixed:
                 mx = d > 0
-                groups.append(("base", t, gid["prefill"], np.zeros(len(n)), n))
-                groups.append(("mixed", t, gid["mixed"], d if mx.all() else np.where(mx, d, self._mixed_lo), n))
+                groups.append(("base", t, gid["prefill"], np.zeros(len(n)), nb))
+                groups.append(("mixed", t, gid["mixed"], d if mx.all() else np.where(mx, d, self._mixed_lo), nb))
                 checks_on = self.g_mixed_chk is not None and "checks" in parts
                 if checks_on:
                     nz = chk > 0
-                    nn = np.repeat(n, S)
+                    nn = np.repeat(nb, S)
                     r = np.where(nz, chk, self._chk_lo[0]).ravel()
                     groups.append(("hi", t, gid["mixed_chk"], r, nn))
                     groups.append(("lo", t, gid["mixed"], r if self._chk_lo[0] == self._chk_lo[1]
@@ -985,7 +987,7 @@ class ProfileCostModel:
             k = (n + (QUERY_TILE - 1)) // QUERY_TILE
             e = (x + n * (n - 1) / 2) / (n - k)
             p = max(e - n, 0.0)
-            fn = float(n)
+            fn = padded_tokens(float(n), self.chunk_padding)  # what the executor ran
             pf, flag = look(gid["prefill"], p, fn)
             flags.append(("prefill", flag))
             decode_part = 0.0
@@ -1122,6 +1124,19 @@ def _chunk_table(rows: int) -> np.ndarray:
     tokens starting a prompt does beyond its KV reads."""
     n = np.arange(rows + 1)
     return np.maximum.accumulate(n * (n + 1) / 2 - n * (-(-n // QUERY_TILE)))
+
+
+def padded_tokens(n, rule: dict | None):
+    """Chunk tokens as the executor ran them: padded by ``rule`` (profile metadata ``chunk_padding``: a power
+    of two, at least ``min``, up to ``pow2_until``, then a multiple of ``step``; no ``step``: powers of two
+    throughout), or ``n`` itself without a rule (profiles of an unpadded executor)."""
+    if not rule:
+        return n
+    x = np.asarray(n, dtype=np.float64)
+    p2 = np.maximum(float(rule.get("min", 1)), np.exp2(np.ceil(np.log2(np.maximum(x, 1.0)))))
+    step = rule.get("step")
+    out = p2 if not step else np.where(x <= float(rule.get("pow2_until", np.inf)), p2, np.ceil(x / step) * step)
+    return out if isinstance(n, np.ndarray) else float(out)
 
 
 def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -386,3 +386,28 @@ def test_bookkeeping_is_priced_with_the_schedule(profile_path, tmp_path):
         work = decode_work(SPEC, b, 512)
         added = with_.iteration_time(work) - without.iteration_time(work)
         assert np.allclose(added, 1e-3 + 1e-6 * b, rtol=1e-6)
+
+
+def test_padded_tokens_rule():
+    from eesim.gpu.mixed_graphs import TOKEN_PADDING, token_bucket
+    from eesim.profile_cost import padded_tokens
+
+    n = np.arange(1, 2049)
+    assert padded_tokens(n, None) is n  # an unpadded executor's profile
+    np.testing.assert_array_equal(padded_tokens(n.astype(float), TOKEN_PADDING), [token_bucket(int(x)) for x in n])
+    assert padded_tokens(600.0, {"min": 16}) == 1024.0  # powers of two throughout
+    assert padded_tokens(5.0, TOKEN_PADDING) == 16.0
+
+
+def test_chunks_priced_at_their_padded_size(profile_path, tmp_path):
+    """A profile whose executor padded prompt chunks prices a chunk as its padded size, on both paths."""
+    profile = read_profile(profile_path)
+    padded = tmp_path / "padded.parquet"
+    write_profile(padded, profile.frame, {**META, "chunk_padding": {"min": 16, "pow2_until": 256, "step": 128}})
+    plain, pad = ProfileCostModel(profile_path, SPEC), ProfileCostModel(padded, SPEC)
+    for n, bucket in ((300, 384), (256, 256), (20, 32)):
+        assert np.isclose(pad.iteration_time(prefill_work(SPEC, n, 0))[0],
+                          plain.iteration_time(prefill_work(SPEC, bucket, 0))[0], rtol=1e-12)
+    two = prefill_work(SPEC, 300, 0)
+    both = IterationWork(*(np.concatenate([getattr(two, f)] * 2) for f in IterationWork.__slots__))
+    np.testing.assert_allclose(pad.iteration_time(both), [pad.iteration_time(two)[0]] * 2, rtol=1e-12)

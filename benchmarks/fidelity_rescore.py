@@ -1,0 +1,78 @@
+"""Re-score a fidelity matrix offline: simulate its configurations again with another cost model (CPU).
+
+benchmarks/fidelity_matrix.py writes the measured summaries of every run (fidelity_runs.csv). When the
+cost model changes, the measurements stay valid: this simulates the same workloads and configurations
+again (same seed, requests and recorded generations) with ``--profile`` and prints and writes the
+simulator's error per metric against the measured runs, as fidelity_matrix.py does.
+
+Usage:  PYTHONPATH=$PWD python benchmarks/fidelity_rescore.py --runs docs/data/fidelity_runs_2026-11-22.csv \
+            --profile traces/profiles/llama2-7b.parquet --out fidelity_rescored.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eesim.config import SimConfig  # noqa: E402
+from eesim.defaults import load_exit_trace  # noqa: E402
+from eesim.hardware import hardware_preset  # noqa: E402
+from eesim.model_spec import model_preset  # noqa: E402
+from eesim.policies import measure  # noqa: E402
+from eesim.policies.thresholds import parse_threshold  # noqa: E402
+from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
+from eesim.scheduler import SchedulerConfig  # noqa: E402
+from eesim.simulator import simulate  # noqa: E402
+from eesim.validate import METRICS  # noqa: E402
+from eesim.workload import load_workload  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="fidelity_runs.csv of a fidelity_matrix.py run")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals the matrix used")
+    ap.add_argument("--num-blocks", type=int, default=2048)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    runs = pd.read_csv(args.runs)
+    measured = runs[runs.run == "measured"]
+    trace, model, _ = load_exit_trace("default", model_preset(args.model))
+    meas = measure("max_prob")
+    base = SimConfig(model, hardware_preset("h100"), trace, measure=meas, threshold=parse_threshold("0.9", meas),
+                     scheduler=SchedulerConfig(256, 2048, 16, args.num_blocks), seed=0)
+    cost = ProfileCostModel(load_profile(args.profile), model)
+    rows = []
+    for r in measured.itertuples():
+        rule, kv = r.policy.split("+")
+        workload, _ = load_workload(f"poisson:rate={r.rate:g},duration={args.duration:g}", seed=0).clip(model.max_context)
+        if workload.num_requests != r.requests:
+            raise SystemExit(f"{r.load} {r.policy}: {workload.num_requests} requests, the matrix had {r.requests}")
+        sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv), cost.with_policy(kv)).summary
+        for label, (column, goal) in METRICS.items():
+            m, s = float(getattr(r, column)), float(sim[column])
+            err = s / m - 1
+            rows.append({"load": f"{r.load} ({r.rate:g} req/s)", "policy": r.policy, "metric": label, "measured": m,
+                         "simulated": s, "error": err, "goal": goal,
+                         "met": (abs(err) <= goal) if goal is not None else None})
+    table = pd.DataFrame(rows)
+    goals = table.dropna(subset=["goal"])
+    for (load, policy), g in goals.groupby(["load", "policy"], sort=False):
+        print(f"{load:>16} {policy:<26} " + "  ".join(f"{x.metric.replace('inter-token latency', 'ITL')} "
+                                                       f"{x.error:+.1%}" for x in g.itertuples()))
+    print(f"goals met: {int(goals.met.astype(bool).sum())} of {len(goals)}")
+    if args.out:
+        table.to_csv(args.out, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
