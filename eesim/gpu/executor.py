@@ -12,9 +12,11 @@ One iteration (``plan.steps`` is always 1 here) takes one of two paths:
   settled by fill, or with no exits and nothing owed): each stretch between exits checked runs as one
   CUDA graph with the exit's head and confidence inside (segments.py);
 - general_path.py (anything else: prefill chunks beside decode rows, copy_hidden's projections,
-  recompute's extra rows, kept logits): an eager layer loop over one flat token batch, decode rows
-  through the paged decode kernel and every prefill chunk of a layer through one paged prefill launch;
-  a stretch of decode rows only still runs as a graph.
+  recompute's extra rows, kept logits): a layer loop over one flat token batch, decode rows through the
+  paged decode kernel and every prefill chunk (and recompute's rows) of a layer through one paged
+  prefill launch. With ``cuda_graphs`` each stretch runs as a CUDA graph: over a padded batch
+  (mixed_graphs.py) when rows beside the decode rows or projected entries are present, else as a decode
+  stretch (segments.py).
 
 Both check an exit where decode rows that may exit are still running: the exit head (per-exit norm +
 shared head, or the classifier / cosine) and the confidence measure over those rows, one host sync,

@@ -158,8 +158,10 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
         if meta is None or len(new_full) or len(carried) or len(proj) or meta.num_paged != len(active):
             arrays = _meta_arrays(ex, blocks, active, pos_active, slot_active, chunked, chunk_counts, chunk_pos,
                                   chunk_slots, owed, new_full, proj)
-            graphed = ex.cuda_graphs and not len(new_full) and not len(proj)  # (eager off CUDA)
-            mixed = ex._mixed_graphs.prepare(arrays) if graphed and T else None
+            # rows beside the decode rows (prompt chunks, recompute's owed rows) or projected entries: a
+            # padded graph (eager off CUDA); decode rows alone: the decode stretch graphs below
+            padded = ex.cuda_graphs and (arrays["num_chunk_rows"] > 0 or len(proj) > 0)
+            mixed = ex._mixed_graphs.prepare(arrays) if padded else None
             meta, idx = _stage(ex, arrays)
             x = x[:base]
             if len(new_full):
@@ -168,7 +170,7 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
                 meta.proj_hidden = owed.hidden[idx["proj"]]
         carried = new_full
         if mixed is not None:
-            x = ex._mixed_graphs.run(lo, hi, x, mixed, len(active))
+            x = ex._mixed_graphs.run(lo, hi, x, mixed, len(active), meta.proj_hidden)
         elif ex._stretch_graphable(meta, x):
             x = ex._segment_graphs.run_layers(lo, hi, x, ex._stager.stage(
                 ids[active], pos_active, slot_active, [blocks[b] for b in active]))

@@ -7,7 +7,7 @@ reads; iterations of one size spread over 25-50 ms). A graph replays the whole s
 Graphs need fixed shapes and fixed addresses, so the rows are padded to buckets, as serving engines do:
 decode rows to a power of two, chunk tokens to a power of two from 16 to 256 and to a multiple of 128
 above (``token_bucket``), the number of chunks to a power of two (at least 8), block tables to the
-longest context. Padding rows write no K/V (slot -1, which ``store_kv`` skips), decode padding attends
+longest context, copy_hidden's projected entries to a power of two (at least 16). Padding rows write no K/V (slot -1, which ``store_kv`` skips), decode padding attends
 one key of block 0, chunk padding belongs to no chunk (the prefill kernel leaves it alone); every layer
 treats rows independently, so padding never reaches a real row. One static metadata buffer and one
 input buffer per padded shape; a graph per (stretch, shape).
@@ -47,10 +47,11 @@ def token_bucket(n: int) -> int:
 class _Shape:
     """Static buffers of one padded shape: pinned host metadata, its device copy, the input rows."""
 
-    def __init__(self, ex, P: int, T: int, C: int, wd: int, wc: int) -> None:
-        self.P, self.T, self.C, self.wd, self.wc = P, T, C, wd, wc
+    def __init__(self, ex, P: int, T: int, C: int, wd: int, wc: int, M: int) -> None:
+        self.P, self.T, self.C, self.wd, self.wc, self.M = P, T, C, wd, wc, M
         n = P + T
-        self.sizes = [n, n, P * wd, P, C + 1, C * wc]  # positions, slots, tables, context, cu rows, chunk tables
+        # positions, slots (rows, then projected entries), tables, context, cu rows, chunk tables, entries' positions
+        self.sizes = [n, n + M, P * wd, P, C + 1, C * wc, M]
         total = sum(self.sizes)
         self.cuda = ex.device.type == "cuda"
         self.host = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
@@ -60,20 +61,26 @@ class _Shape:
         for size in self.sizes:
             parts.append(self.dev[off:off + size])
             off += size
-        pos, slots, bt, ctx, cu, ct = parts
-        self.meta = LayerMeta(pos, slots, P, bt.view(P, wd) if P else None, ctx if P else None, cu, ct.view(C, wc), T)
+        pos, slots, bt, ctx, cu, ct, proj_pos = parts
+        # copy_hidden's projected entries: their exit hidden states, K/V only (padding: slot -1)
+        self.proj = torch.zeros(M, ex.spec.hidden_size, dtype=ex.dtype, device=ex.device) if M else None
+        self.meta = LayerMeta(pos, slots, P, bt.view(P, wd) if P else None, ctx if P else None, cu, ct.view(C, wc), T,
+                              self.proj, proj_pos if M else None)
         self.x = torch.zeros(n, ex.spec.hidden_size, dtype=ex.dtype, device=ex.device)
 
     def stage(self, a: dict) -> None:
         """Write this iteration's metadata (real rows from ``a``, padding as the module says) and ship it."""
         if self.event is not None:
             self.event.synchronize()  # the previous copy out of the host buffer has finished
-        P, T, C, wd, wc = self.P, self.T, self.C, self.wd, self.wc
-        p, t, c = a["num_paged"], a["num_chunk_rows"], len(a["cu"]) - 1
+        P, T, C, wd, wc, M = self.P, self.T, self.C, self.wd, self.wc, self.M
+        p, t, c, m = a["num_paged"], a["num_chunk_rows"], len(a["cu"]) - 1, len(a["proj"])
         pos = np.zeros(P + T, dtype=np.int32)
-        slots = np.full(P + T, -1, dtype=np.int32)
+        slots = np.full(P + T + M, -1, dtype=np.int32)
         pos[:p], pos[P:P + t] = a["positions"][:p], a["positions"][p:]
-        slots[:p], slots[P:P + t] = a["slots"][:p], a["slots"][p:]
+        slots[:p], slots[P:P + t] = a["slots"][:p], a["slots"][p:p + t]
+        slots[P + T:P + T + m] = a["slots"][p + t:]
+        proj_pos = np.zeros(M, dtype=np.int32)
+        proj_pos[:m] = a["proj_positions"]
         bt = np.zeros((P, wd), dtype=np.int32)
         bt[:p, :a["tables"].shape[1]] = a["tables"]
         ctx = np.ones(P, dtype=np.int32)
@@ -84,7 +91,7 @@ class _Shape:
         ct[:c, :a["chunk_tables"].shape[1]] = a["chunk_tables"]
         h = self.host.numpy()
         off = 0
-        for arr, size in zip((pos, slots, bt, ctx, cu, ct), self.sizes):
+        for arr, size in zip((pos, slots, bt, ctx, cu, ct, proj_pos), self.sizes):
             h[off:off + size] = arr.reshape(-1)
             off += size
         self.dev.copy_(self.host, non_blocking=self.cuda)
@@ -111,24 +118,27 @@ class MixedGraphs:
         """The padded shape for metadata arrays ``a`` (from general_path), with the metadata staged."""
         p, width = a["num_paged"], self.width
         key = (pow2(p), token_bucket(a["num_chunk_rows"]), max(MIN_CHUNKS, pow2(len(a["cu"]) - 1)), width if p else 0,
-               width)
+               width, pow2(len(a["proj"]), 16))
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(self.ex, *key)
         shape.stage(a)
         return shape
 
-    def run(self, lo: int, hi: int, x: Tensor, shape: _Shape, p: int) -> Tensor:
-        """Layers lo..hi-1 of the real rows ``x`` (``p`` decode rows, then the chunks' tokens); returns the
-        real rows after them (a new tensor)."""
+    def run(self, lo: int, hi: int, x: Tensor, shape: _Shape, p: int, proj: Tensor | None = None) -> Tensor:
+        """Layers lo..hi-1 of the real rows ``x`` (``p`` decode rows, then the chunks' tokens and recompute's
+        rows), with ``proj`` (copy_hidden's entries) projected beside them; returns the real rows after them
+        (a new tensor)."""
         P = shape.P
         t = x.shape[0] - p
         shape.x[:p] = x[:p]
         shape.x[P:P + t] = x[p:]
+        if proj is not None:
+            shape.proj[:proj.shape[0]] = proj
         if not shape.cuda:  # off CUDA the same padded body runs eagerly (the CPU tests check the padding)
             y = self._body(lo, hi, shape)
             return torch.cat([y[:p], y[P:P + t]])
-        key = (lo, hi, shape.P, shape.T, shape.C, shape.wd, shape.wc)
+        key = (lo, hi, shape.P, shape.T, shape.C, shape.wd, shape.wc, shape.M)
         entry = self._graphs.get(key)
         if entry is None:
             if self._pool is None:
