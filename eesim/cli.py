@@ -290,6 +290,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                       f"{r.error:+.1%}", "" if pd.isna(r.goal) else f"±{r.goal:.0%}",
                       "" if pd.isna(r.goal) else ("yes" if r.met else "no"))
     Console(width=160).print(table)
+    captured = measured.labels.get("graph_captures", 0)
+    if captured:
+        notes.append(f"{captured} CUDA graphs were captured during the timed pass (each stalls its iteration for "
+                     f"about a model pass): the latencies measured include those stalls")
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out}/errors.csv, requests.parquet, iterations.parquet, timeline.json (both runs)")

@@ -131,6 +131,7 @@ def test_execute_serves_on_the_cpu_executor(tmp_path, mode):
     assert (iterations["end"] > iterations["start"]).all()
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert len(summary) == (2 if mode == "replay" else 1)
+    assert summary["graph_captures"].iloc[0] == 0  # (no CUDA here: nothing is captured)
     if mode == "replay":  # exits come from the trace, as in the simulator: same exit layers per token
         assert summary["mean_layers"].iloc[0] == pytest.approx(summary["mean_layers"].iloc[1])
 

@@ -283,6 +283,11 @@ class GPUExecutor:
             return True
         return not checks and not any(len(o) for o in plan.owed)
 
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured so far: each one stalled the iteration that first needed its shape."""
+        return self._segment_graphs.captures + self._mixed_graphs.captures
+
     def _stretch_graphable(self, m: LayerMeta, x: Tensor) -> bool:
         """A stretch of the general path that may run as a decode graph: decode rows only, nothing projected."""
         return (self.cuda_graphs and m.num_paged == x.shape[0] > 0  # (off CUDA the same stretch runs eagerly)

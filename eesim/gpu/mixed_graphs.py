@@ -106,6 +106,7 @@ class MixedGraphs:
         self._shapes: dict[tuple, _Shape] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
+        self.captures = 0  # graphs captured so far (a capture stalls the iteration that needs it)
         # Block tables as wide as the longest context: one width, so fewer shapes to capture (the
         # attention kernels size their work by the rows' own contexts).
         self.width = -(-executor.spec.max_context // executor.block_size)
@@ -151,6 +152,7 @@ class MixedGraphs:
             torch.cuda.current_stream().wait_stream(side)
             shape.x.copy_(saved)
             graph = torch.cuda.CUDAGraph()
+            self.captures += 1
             with torch.cuda.graph(graph, pool=self._pool):
                 y = self._body(lo, hi, shape)
             entry = self._graphs[key] = (graph, y)

@@ -40,6 +40,7 @@ class SegmentGraphs:
         self._graphs: dict = {}
         self._xbuf: dict[int, Tensor] = {}  # rows -> (rows, d) residual stream
         self._pool = None
+        self.captures = 0  # graphs captured so far (a capture stalls the iteration that needs it)
 
     def reset(self) -> None:
         """Forget captured graphs (their tails depend on the exits and the measure)."""
@@ -105,6 +106,7 @@ class SegmentGraphs:
                 xbuf.copy_(saved)  # the warm-up advanced the residual: put the input back
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            self.captures += 1
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._body(lo, hi, meta, tail)
             entry = self._graphs[key] = (graph, out)

@@ -75,6 +75,7 @@ def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iter
     # the simulator's assignment of requests to recorded generations, so both replay the same tokens
     trace_sequences = np.random.default_rng(config.seed).integers(config.trace.num_sequences, size=len(sequences))
     log = IterationLog()
+    captures = executor.graph_captures
     clock, arrived = 0.0, 0
     origin = time.perf_counter()
     for _ in range(max_iterations):
@@ -104,5 +105,6 @@ def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iter
               "measure": measure(config.measure).name, "threshold": str(config.threshold),
               "model": config.model.name, "hardware": f"measured on {device_name(executor.device)}", "replicas": 1,
               "router": "-", "seed": config.seed, "workload": workload.source,
-              "exit_layers": list(config.model.all_exits)}
+              "exit_layers": list(config.model.all_exits),
+              "graph_captures": executor.graph_captures - captures}  # during this run
     return build_result(sequences, log.frame(), config.model, labels)
