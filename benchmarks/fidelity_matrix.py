@@ -41,6 +41,15 @@ PAIRS = [("full", "fill")] + [(r, k) for r in ("all_confident", "per_sequence", 
                               for k in ("fill", "copy_hidden", "recompute")]
 
 
+def matrix_config(model_name: str, num_blocks: int) -> SimConfig:
+    """The configuration every run of the matrix shares (rule and KV policy aside): the recorded exit trace,
+    max_prob >= 0.9, the H100, at most 256 sequences and 2,048 tokens per iteration."""
+    trace, model, _ = load_exit_trace("default", model_preset(model_name))
+    meas = measure("max_prob")
+    return SimConfig(model, hardware_preset("h100"), trace, measure=meas, threshold=parse_threshold("0.9", meas),
+                     scheduler=SchedulerConfig(256, 2048, 16, num_blocks), seed=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True, help="profile of this machine (eesim profile)")
@@ -63,11 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pairs = [tuple(p.split("+")) for p in args.pairs.split(",")] if args.pairs else PAIRS
     loads = [(name, float(rate)) for name, rate in (x.split(":") for x in args.loads.split(","))]
-    model = model_preset(args.model)
-    trace, model, _ = load_exit_trace("default", model)
-    meas = measure("max_prob")
-    base = SimConfig(model, hardware_preset("h100"), trace, measure=meas, threshold=parse_threshold("0.9", meas),
-                     scheduler=SchedulerConfig(256, 2048, 16, args.num_blocks), seed=0)
+    base = matrix_config(args.model, args.num_blocks)
+    model, trace, meas = base.model, base.trace, base.measure
     cost = ProfileCostModel(load_profile(args.profile), model)
     executor = build_executor(replace(base, exit_rule=pairs[0][0], kv_policy=pairs[0][1]), "replay", args.num_blocks)
     rows, runs, logs = [], [], []

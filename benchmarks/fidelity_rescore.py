@@ -20,14 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eesim.config import SimConfig  # noqa: E402
-from eesim.defaults import load_exit_trace  # noqa: E402
-from eesim.hardware import hardware_preset  # noqa: E402
-from eesim.model_spec import model_preset  # noqa: E402
-from eesim.policies import measure  # noqa: E402
-from eesim.policies.thresholds import parse_threshold  # noqa: E402
+from benchmarks.fidelity_matrix import matrix_config  # noqa: E402
 from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
-from eesim.scheduler import SchedulerConfig  # noqa: E402
 from eesim.simulator import simulate  # noqa: E402
 from eesim.validate import METRICS  # noqa: E402
 from eesim.workload import load_workload  # noqa: E402
@@ -45,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = pd.read_csv(args.runs)
     measured = runs[runs.run == "measured"]
-    trace, model, _ = load_exit_trace("default", model_preset(args.model))
-    meas = measure("max_prob")
-    base = SimConfig(model, hardware_preset("h100"), trace, measure=meas, threshold=parse_threshold("0.9", meas),
-                     scheduler=SchedulerConfig(256, 2048, 16, args.num_blocks), seed=0)
+    base = matrix_config(args.model, args.num_blocks)
+    model = base.model
     cost = ProfileCostModel(load_profile(args.profile), model)
     rows = []
     for r in measured.itertuples():

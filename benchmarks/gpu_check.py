@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eesim.forced_exits import RandomExits  # noqa: E402
 from eesim.gpu.executor import GPUExecutor, run_plans  # noqa: E402
+from eesim.gpu.weights import build_random_model  # noqa: E402
 from eesim.kernels import paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
-from eesim.model.transformer import EarlyExitLlama  # noqa: E402
 from eesim.model_spec import ModelSpec  # noqa: E402
 from eesim.policies import kv_policy  # noqa: E402
-from eesim.policies.base import ExitRule  # noqa: E402
 from eesim.request import Request, Sequence  # noqa: E402
 from eesim.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
@@ -40,18 +40,6 @@ def report(name: str, ok: bool, detail: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
     if not ok:
         failures.append(name)
-
-
-class Scripted(ExitRule):
-    """Forced exits: each running row leaves with probability p at each exit (seeded)."""
-
-    name = "scripted"
-
-    def __init__(self, p: float = 0.35, seed: int = 0) -> None:
-        self.p, self.rng = p, np.random.default_rng(seed)
-
-    def decide(self, confident, active, exit_index):
-        return active & (self.rng.random(active.shape) < self.p)
 
 
 def check_prefill_kernel() -> None:
@@ -82,17 +70,8 @@ def check_prefill_kernel() -> None:
     report("paged_prefill_attention bf16 (GQA 32/8, hd 128)", err < 2e-2, f"max |diff| {err:.2e}")
 
 
-def make_model(seed: int = 0) -> EarlyExitLlama:
-    torch.manual_seed(seed)
-    model = EarlyExitLlama(SPEC)
-    with torch.no_grad():  # larger-than-init weights so that errors are not hidden by tiny values
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
-    return model.float().eval()
-
-
 def serve(model, policy: str, device: str, graphs: bool):
-    ex = GPUExecutor(model, SPEC, Scripted(seed=3), policy, device=device, dtype=torch.float32, num_blocks=256,
+    ex = GPUExecutor(model, SPEC, RandomExits(0.35, seed=3), policy, device=device, dtype=torch.float32, num_blocks=256,
                      block_size=16, backend="torch" if device == "cpu" else None, share_weights=False,
                      cuda_graphs=graphs)
     sch = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=160, block_size=16), SPEC,
@@ -108,7 +87,8 @@ def serve(model, policy: str, device: str, graphs: bool):
 
 
 def check_executor(policies: list[str]) -> None:
-    model = make_model()
+    # larger-than-init weights, so that a wrong value is not hidden by tiny ones
+    model = build_random_model(SPEC, "cpu", torch.float32, seed=0, std=0.2)
     torch.backends.cuda.matmul.allow_tf32 = False
     for policy in policies:
         ref = serve(model, policy, "cpu", False)

@@ -28,3 +28,17 @@ class NeverExit(ExitRule):
 
     def decide(self, confident: np.ndarray, active: np.ndarray, exit_index: int) -> np.ndarray:
         return np.zeros_like(active)
+
+
+class RandomExits(ExitRule):
+    """Each running row leaves with probability ``p`` at each exit it reaches, whatever its confidence
+    (seeded): exits scattered over rows and iterations, for checking the KV policies' bookkeeping."""
+
+    name = "random_exits"
+
+    def __init__(self, p: float = 0.4, seed: int = 0) -> None:
+        self.p = float(p)
+        self.rng = np.random.default_rng(seed)
+
+    def decide(self, confident: np.ndarray, active: np.ndarray, exit_index: int) -> np.ndarray:
+        return active & (self.rng.random(active.shape) < self.p)

@@ -47,6 +47,7 @@ fitted model's tables between KV policies (eesim/cost_choice.py fits each profil
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,6 @@ def profile_for(model: ModelSpec, folder: str | Path = PROFILE_DIR) -> Path | No
     path = Path(folder) / f"{shape_name(model)}.parquet"
     if path.is_file():
         return path
-    from dataclasses import replace
-
     from eesim.model_spec import MODEL_PRESETS
 
     for name, preset in MODEL_PRESETS.items():
@@ -139,6 +138,17 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     return Profile(f[keep].reset_index(drop=True), meta, profile.path)
 
 
+def _bracket(x: np.ndarray, ax: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points ``x`` on one grid axis (nodes ``ax``, their coordinates ``lg``): clipped to the axis, the index
+    of the node below each and the weight of the node above (an axis of one node: index 0, weight 0)."""
+    xc = np.clip(x, ax[0], ax[-1])
+    if len(ax) == 1:
+        return xc, np.zeros(x.shape, dtype=np.int64), np.zeros(x.shape)
+    lx = _coord(xc)
+    i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(ax) - 2)
+    return xc, i, np.clip((lx - lg[i]) / (lg[i + 1] - lg[i]), 0.0, 1.0)
+
+
 class Grid:
     """Multilinear interpolation in log(1 + x) over a regular grid, monotone by a cumulative max, with
     roofline-scaled extrapolation from the nearest measured point."""
@@ -163,17 +173,11 @@ class Grid:
         idx, wts, clipped = [], [], []
         outside = np.zeros(pts[0].shape, dtype=bool)
         for x, ax, lg in zip(pts, self.axes, self.logs):
-            xc = np.clip(x, ax[0], ax[-1])
+            xc, i, w = _bracket(x, ax, lg)
             outside |= xc != x
             clipped.append(xc)
-            if len(ax) == 1:
-                idx.append(np.zeros(x.shape, dtype=np.int64))
-                wts.append(np.zeros(x.shape))
-                continue
-            lx = _coord(xc)
-            i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(ax) - 2)
             idx.append(i)
-            wts.append(np.clip((lx - lg[i]) / (lg[i + 1] - lg[i]), 0.0, 1.0))
+            wts.append(w)
         out = np.zeros(pts[0].shape)
         unmeasured = np.zeros(pts[0].shape, dtype=bool)
         for corner in range(1 << len(pts)):
@@ -208,17 +212,11 @@ class Grid:
         idx, wts, clipped = [], [], []
         outside = np.zeros(shape, dtype=bool)
         for a, (x, ax, lg) in enumerate(zip(pts, self.axes, self.logs)):
-            xc = np.clip(x, ax[0], ax[-1])
+            xc, i, w = _bracket(x, ax, lg)
             outside |= along(xc != x, a)
             clipped.append(xc)
-            if len(ax) == 1:
-                idx.append(np.zeros(x.shape, dtype=np.int64))
-                wts.append(np.zeros(x.shape))
-                continue
-            lx = _coord(xc)
-            i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(ax) - 2)
             idx.append(i)
-            wts.append(np.clip((lx - lg[i]) / (lg[i + 1] - lg[i]), 0.0, 1.0))
+            wts.append(w)
         out = np.zeros(shape)
         unmeasured = np.zeros(shape, dtype=bool)
         holes = not self.measured.all()
@@ -385,8 +383,6 @@ class ProfileCostModel:
         self.profile = profile
         pm = profile.model
         if shape_key(pm) != shape_key(model) and set(model.exit_layers) < set(pm.exit_layers):
-            from dataclasses import replace
-
             if shape_key(replace(pm, exit_layers=tuple(model.exit_layers))) == shape_key(model):
                 profile = restrict_exits(profile, model)  # a subset of the profiled exits
                 self.profile, pm = profile, profile.model
@@ -1132,11 +1128,12 @@ def padded_tokens(n, rule: dict | None):
     throughout), or ``n`` itself without a rule (profiles of an unpadded executor)."""
     if not rule:
         return n
-    x = np.asarray(n, dtype=np.float64)
-    p2 = np.maximum(float(rule.get("min", 1)), np.exp2(np.ceil(np.log2(np.maximum(x, 1.0)))))
-    step = rule.get("step")
-    out = p2 if not step else np.where(x <= float(rule.get("pow2_until", np.inf)), p2, np.ceil(x / step) * step)
-    return out if isinstance(n, np.ndarray) else float(out)
+    least, step, until = rule.get("min", 1), rule.get("step"), rule.get("pow2_until", np.inf)
+    if not isinstance(n, np.ndarray):  # one chunk (the per-step path): integers, no numpy calls
+        k = max(int(n), 1)
+        return float(-(-k // step) * step if step and k > until else max(least, 1 << (k - 1).bit_length()))
+    p2 = np.maximum(float(least), np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)))))
+    return p2 if not step else np.where(n <= until, p2, np.ceil(n / step) * step)
 
 
 def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -71,3 +71,15 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # H100 SXM; only used to make the CPU/interpreter heuristics mirror the GPU
+
+
+def check_paged_attention(q, k_cache, v_cache) -> tuple[int, int, int, int]:
+    """``q (rows, num_heads, head_dim)`` against one cache layer ``(blocks, block_size, num_kv_heads,
+    head_dim)``: raises ValueError on a mismatch; returns (num_heads, head_dim, block_size, num_kv_heads)."""
+    _, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, hd = k_cache.shape
+    if hd != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError("q / k_cache / v_cache head_dim or shapes disagree")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    return num_heads, head_dim, block_size, num_kv_heads

@@ -114,19 +114,13 @@ def _prefill_case(chunk, prefix, heads, kv_heads, head_dim, block_size, dtype):
 
 
 def _ensure_importable() -> None:
-    # Running from a source checkout: make `eesim.kernels` resolve to this folder even before
-    # eesim/__init__ maps it (it does so only once policies/__init__.py exists).
+    # Running from a source checkout: the repository root on sys.path lets eesim (which maps this folder
+    # as eesim.kernels) import.
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
-    import eesim
-
-    try:
-        import eesim.kernels  # noqa: F401
-    except ModuleNotFoundError:
-        eesim.__path__.append(str(repo))
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._common import ieee_dot, next_pow2, num_sms, tl, triton, use_triton
+from ._common import check_paged_attention, ieee_dot, next_pow2, num_sms, tl, triton, use_triton
 
 DEFAULT_PARTITION = 512
 
@@ -159,12 +159,8 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
     fewer than two programs per SM would run) sets the split length.
     ``out`` (optional, same shape/dtype as q) receives the result.
     """
-    batch, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, hd = k_cache_layer.shape
-    if hd != head_dim or v_cache_layer.shape != k_cache_layer.shape:
-        raise ValueError("q / k_cache / v_cache head_dim or shapes disagree")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    batch = q.shape[0]
+    num_heads, head_dim, block_size, num_kv_heads = check_paged_attention(q, k_cache_layer, v_cache_layer)
     if not use_triton(backend, q, k_cache_layer):
         res = paged_decode_attention_ref(q, k_cache_layer, v_cache_layer, block_tables,
                                          context_lens, scale)

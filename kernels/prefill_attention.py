@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._common import ieee_dot, next_pow2, tl, triton, use_triton
+from ._common import check_paged_attention, ieee_dot, next_pow2, tl, triton, use_triton
 
 # H100, head_dim 128, bf16 (182 registers, no spills, 81 KiB shared: two programs per SM). Measured
 # against 64x128, 128x64 and 128x128 tiles, 8 warps and 2-4 stages: 128x128 (8 warps) is within a
@@ -189,12 +189,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Triton path (zeros in the reference). ``block_m`` / ``block_n`` (powers of two >= 16)
     override the row / key tile sizes, e.g. to keep interpreter tests small.
     """
-    num_rows, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, hd = k_cache.shape
-    if hd != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError("q / k_cache / v_cache head_dim or shapes disagree")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    num_rows = q.shape[0]
+    num_heads, head_dim, block_size, num_kv_heads = check_paged_attention(q, k_cache, v_cache)
     if cu_rows.dim() != 1 or cu_rows.numel() != block_tables.shape[0] + 1:
         raise ValueError("cu_rows must have one entry more than block_tables has rows")
     if positions.shape != (num_rows,):

@@ -21,13 +21,13 @@ torch = pytest.importorskip("torch")
 
 from eesim.cost_model import AnalyticalCostModel  # noqa: E402
 from eesim.exit_trace import synthesize_exit_trace  # noqa: E402
+from eesim.forced_exits import RandomExits  # noqa: E402
 from eesim.gpu.executor import GPUExecutor, run_plans  # noqa: E402
 from eesim.hardware import HARDWARE_PRESETS  # noqa: E402
 from eesim.kernels import HAVE_TRITON  # noqa: E402
 from eesim.model.transformer import EarlyExitLlama, rope_cos_sin  # noqa: E402
 from eesim.model_spec import ModelSpec  # noqa: E402
 from eesim.policies import exit_rule, kv_policy, measure  # noqa: E402
-from eesim.policies.base import ExitRule  # noqa: E402
 from eesim.policies.thresholds import Threshold  # noqa: E402
 from eesim.request import Request, Sequence  # noqa: E402
 from eesim.scheduler import Scheduler, SchedulerConfig  # noqa: E402
@@ -51,19 +51,6 @@ def make_model(spec=SPEC, seed=0):
 @pytest.fixture(scope="module")
 def model():
     return make_model()
-
-
-class Scripted(ExitRule):
-    """Forced exits: each still-running row leaves with probability p at each exit (seeded)."""
-
-    name = "scripted"
-
-    def __init__(self, p: float = 0.4, seed: int = 0) -> None:
-        self.p = p
-        self.rng = np.random.default_rng(seed)
-
-    def decide(self, confident, active, exit_index):
-        return active & (self.rng.random(active.shape) < self.p)
 
 
 def make_seqs(prompts, output_len, spec=SPEC):
@@ -165,7 +152,7 @@ def check_cache(ex, sch, seq, policy, atol=1e-4):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_kv_cache_matches_policy_definition(model, policy):
-    ex, sch = make_pair(model, Scripted(0.35, seed=3), policy, num_blocks=64, max_tokens=10)
+    ex, sch = make_pair(model, RandomExits(0.35, seed=3), policy, num_blocks=64, max_tokens=10)
     ex.k_cache.fill_(float("nan"))
     ex.v_cache.fill_(float("nan"))
     seqs = make_seqs([6, 9, 4], 40)
@@ -188,12 +175,12 @@ def test_kv_cache_matches_policy_definition(model, policy):
 
 
 @pytest.mark.parametrize("rule,policy,meas,thr", [
-    (Scripted(0.35, seed=3), "fill", "max_prob", 0.9),
-    (Scripted(0.3, seed=4), "fill", "cosine", 0.9),
+    (RandomExits(0.35, seed=3), "fill", "max_prob", 0.9),
+    (RandomExits(0.3, seed=4), "fill", "cosine", 0.9),
     ("per_sequence", "fill", "max_prob", 0.05),
     ("full", "copy_hidden", "max_prob", 0.9),
-    (Scripted(0.3, seed=5), "recompute", "max_prob", 0.9),
-    (Scripted(0.3, seed=6), "copy_hidden", "max_prob", 0.9),
+    (RandomExits(0.3, seed=5), "recompute", "max_prob", 0.9),
+    (RandomExits(0.3, seed=6), "copy_hidden", "max_prob", 0.9),
 ])
 def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr):
     """cuda_graphs=True sends pure-decode plans through segments.py and plans with prompt chunks through
@@ -285,7 +272,7 @@ def test_preemption_resume_same_tokens(model):
 
 def test_preemption_with_owed_kv(model):
     """Preempted sequences drop their debts; the run still finishes and every token is emitted."""
-    ex, sch = make_pair(model, Scripted(0.5, seed=1), "recompute", num_blocks=10, max_tokens=16)
+    ex, sch = make_pair(model, RandomExits(0.5, seed=1), "recompute", num_blocks=10, max_tokens=16)
     seqs = make_seqs([7, 5, 9, 6], 8)
     for s in seqs:
         sch.add(s)
@@ -296,7 +283,7 @@ def test_preemption_with_owed_kv(model):
 
 # ---- smaller things ----------------------------------------------------------------------------------
 def test_outcome_shapes_and_work(model):
-    ex, sch = make_pair(model, Scripted(0.5), "copy_hidden")
+    ex, sch = make_pair(model, RandomExits(0.5), "copy_hidden")
     for s in make_seqs([5, 6], 4):
         sch.add(s)
     plan = sch.schedule()
@@ -311,7 +298,7 @@ def test_outcome_shapes_and_work(model):
 def test_subset_of_model_exits(model):
     """The spec may use fewer exits than the model has heads for (e.g. one fixed exit layer)."""
     spec = SPEC.with_exits((2,))
-    ex, sch = make_pair(model, Scripted(1.0), "fill", spec=spec)
+    ex, sch = make_pair(model, RandomExits(1.0), "fill", spec=spec)
     seqs = make_seqs([5, 3], 4)
     for s in seqs:
         sch.add(s)
@@ -345,7 +332,7 @@ def test_triton_interpreter_matches_torch(policy):
     model = make_model(spec, seed=4)
     results = {}
     for backend in ("torch", "triton"):
-        ex, sch = make_pair(model, Scripted(0.4, seed=2), policy, spec=spec, backend=backend, max_tokens=8)
+        ex, sch = make_pair(model, RandomExits(0.4, seed=2), policy, spec=spec, backend=backend, max_tokens=8)
         seqs = make_seqs([5, 3], 4, spec)
         for s in seqs:
             sch.add(s)

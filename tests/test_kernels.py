@@ -6,7 +6,6 @@ tests run the compiled kernels on the GPU (inputs are still generated on CPU, th
 
 import math
 import os
-from pathlib import Path
 
 DEVICE = os.environ.get("EESIM_KERNEL_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -14,14 +13,6 @@ if DEVICE == "cpu":
 
 import pytest
 import torch
-
-import eesim
-
-try:
-    import eesim.kernels  # noqa: F401
-except ModuleNotFoundError:
-    # eesim/__init__ only maps the top-level kernels/ folder once policies/__init__.py exists.
-    eesim.__path__.append(str(Path(__file__).resolve().parent.parent))
 
 from eesim.kernels import (  # noqa: E402
     HAVE_TRITON,

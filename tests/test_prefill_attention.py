@@ -7,7 +7,6 @@ run the compiled kernel on the GPU (inputs are still generated on CPU, then move
 
 import math
 import os
-from pathlib import Path
 
 DEVICE = os.environ.get("EESIM_KERNEL_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -16,14 +15,6 @@ if DEVICE == "cpu":
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-
-import eesim
-
-try:
-    import eesim.kernels  # noqa: F401
-except ModuleNotFoundError:
-    # eesim/__init__ only maps the top-level kernels/ folder once policies/__init__.py exists.
-    eesim.__path__.append(str(Path(__file__).resolve().parent.parent))
 
 from eesim.kernels import HAVE_TRITON, paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
 

@@ -395,7 +395,9 @@ def test_padded_tokens_rule():
     n = np.arange(1, 2049)
     assert padded_tokens(n, None) is n  # an unpadded executor's profile
     np.testing.assert_array_equal(padded_tokens(n.astype(float), TOKEN_PADDING), [token_bucket(int(x)) for x in n])
+    assert [padded_tokens(float(x), TOKEN_PADDING) for x in n] == [token_bucket(int(x)) for x in n]  # one chunk
     assert padded_tokens(600.0, {"min": 16}) == 1024.0  # powers of two throughout
+    np.testing.assert_array_equal(padded_tokens(np.array([600.0, 3.0]), {"min": 16}), [1024.0, 16.0])
     assert padded_tokens(5.0, TOKEN_PADDING) == 16.0
 
 

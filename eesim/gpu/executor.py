@@ -118,6 +118,7 @@ class GPUExecutor:
                 model = model.to(device=self.device, dtype=dtype)
         self.model = model.eval()
         self.hidden_pool = None
+        self._tails = None  # what the decode graphs' tails were captured for (see configure)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.configure(spec, rule, kv_policy, measure, threshold, mode, trace)
         self.weights = FusedWeights.from_model(model, share=share_weights)
@@ -176,13 +177,12 @@ class GPUExecutor:
         self.trace = trace
         self.counter = WorkCounter(spec, self.policy, self.rule, self.measure.needs_logits)
 
-        if hasattr(self, "k_cache"):
+        tails = (tuple(spec.exit_layers), self.measure.column, self.measure.name)
+        if hasattr(self, "k_cache"):  # (a reconfiguration)
             self._ensure_hidden_pool()
-            # decode graphs' tails hold the exit heads and the measure; the mixed graphs hold layers only
-            tails = (tuple(spec.exit_layers), self.measure.column, self.measure.name)
-            if tails != getattr(self, "_tails", tails):
-                self._segment_graphs.reset()
-            self._tails = tails
+            if tails != self._tails:  # decode graphs' tails hold the exit heads and the measure; mixed graphs
+                self._segment_graphs.reset()  # hold layers only
+        self._tails = tails
 
     def _ensure_hidden_pool(self) -> None:
         # Kept exit hidden states (and carried residuals), one row per KV slot.
@@ -287,11 +287,6 @@ class GPUExecutor:
     def graph_captures(self) -> int:
         """CUDA graphs captured so far: each one stalled the iteration that first needed its shape."""
         return self._segment_graphs.captures + self._mixed_graphs.captures
-
-    def _stretch_graphable(self, m: LayerMeta, x: Tensor) -> bool:
-        """A stretch of the general path that may run as a decode graph: decode rows only, nothing projected."""
-        return (self.cuda_graphs and m.num_paged == x.shape[0] > 0  # (off CUDA the same stretch runs eagerly)
-                and m.chunk_rows is None and m.proj_hidden is None)
 
     def _to_host(self, t: Tensor) -> np.ndarray:
         """``t.cpu().numpy()`` through a pinned buffer (a non-blocking copy, then a stream sync)."""

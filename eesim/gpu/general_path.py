@@ -112,10 +112,8 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
         if len(o_row):
             o_pos = np.asarray([p for o in plan.owed for p, _ in o], dtype=np.int64)
             o_depth = np.asarray([d for o in plan.owed for _, d in o], dtype=np.int64)
-            o_slot = np.concatenate([ex.slots_of(seqs[b], o_pos[o_row == b]) for b in np.unique(o_row)])
-            # slots_of above went row by row: put the entries in that order too
-            by_row = np.argsort(o_row, kind="stable")
-            o_row, o_pos, o_depth = o_row[by_row], o_pos[by_row], o_depth[by_row]
+            o_slot = np.concatenate([ex.slots_of(seqs[b], np.asarray([p for p, _ in o], dtype=np.int64))
+                                     for b, o in enumerate(plan.owed) if o])
             (slot_dev,) = stager.stage(o_slot.astype(np.int32))
             owed.add(o_row, o_pos, o_slot, o_depth, ex.hidden_pool[slot_dev])
     fills: list[tuple[Tensor, int, np.ndarray, np.ndarray]] = []  # (exit hidden, exit layer, positions, slots)
@@ -129,8 +127,10 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
     prev = x[:P0] if checks and ex.measure.column == "cosine" else None  # cosine's previous exit
     pending_tokens: list[tuple[np.ndarray, Tensor]] = []  # (rows, argmax on device)
     full_layers = policy.work == "full_layers"
-    meta: LayerMeta | None = None
-    mixed = None  # the padded shape, when the rows run as mixed-batch graphs
+    staged_rows = -1  # decode rows the metadata below was staged for
+    meta: LayerMeta | None = None  # exact metadata (eager layers), or
+    mixed = None  # a padded shape (mixed_graphs.py), or
+    decode_meta = None  # the decode stretch graphs' metadata (segments.py)
     carried = np.zeros(0, dtype=np.int64)
 
     lo = 0  # first layer of the stretch to run
@@ -155,30 +155,37 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
         if not any_rows and not len(new_full):
             break
         base = len(active) + T
-        if meta is None or len(new_full) or len(carried) or len(proj) or meta.num_paged != len(active):
+        if staged_rows != len(active) or len(new_full) or len(carried) or len(proj):
+            staged_rows = len(active)
             arrays = _meta_arrays(ex, blocks, active, pos_active, slot_active, chunked, chunk_counts, chunk_pos,
                                   chunk_slots, owed, new_full, proj)
-            # rows beside the decode rows (prompt chunks, recompute's owed rows) or projected entries: a
-            # padded graph (eager off CUDA); decode rows alone: the decode stretch graphs below
-            padded = ex.cuda_graphs and (arrays["num_chunk_rows"] > 0 or len(proj) > 0)
-            mixed = ex._mixed_graphs.prepare(arrays) if padded else None
-            meta, idx = _stage(ex, arrays)
+            meta = mixed = decode_meta = None
+            if not ex.cuda_graphs:
+                meta, full_t, proj_t = _stage(ex, arrays)
+            elif arrays["num_chunk_rows"] or len(proj):
+                # rows beside the decode rows (prompt chunks, recompute's owed rows) or projected entries:
+                # a padded graph (eager off CUDA)
+                mixed = ex._mixed_graphs.prepare(arrays)
+                full_t, proj_t = (t.long() for t in stager.stage(new_full.astype(np.int32), proj.astype(np.int32)))
+            else:  # decode rows alone
+                decode_meta = ex._stager.stage(ids[active], pos_active, slot_active, [blocks[b] for b in active])
+                full_t = proj_t = None
             x = x[:base]
             if len(new_full):
-                x = torch.cat([x, owed.hidden[idx["new_full"]]])
-            if len(proj):
-                meta.proj_hidden = owed.hidden[idx["proj"]]
+                x = torch.cat([x, owed.hidden[full_t]])
+            proj_hidden = owed.hidden[proj_t] if len(proj) else None
+            if meta is not None:
+                meta.proj_hidden = proj_hidden
         carried = new_full
         if mixed is not None:
-            x = ex._mixed_graphs.run(lo, hi, x, mixed, len(active), meta.proj_hidden)
-        elif ex._stretch_graphable(meta, x):
-            x = ex._segment_graphs.run_layers(lo, hi, x, ex._stager.stage(
-                ids[active], pos_active, slot_active, [blocks[b] for b in active]))
+            x = ex._mixed_graphs.run(lo, hi, x, mixed, len(active), proj_hidden)
+        elif decode_meta is not None:
+            x = ex._segment_graphs.run_layers(lo, hi, x, decode_meta)
         else:
             for layer in range(lo, hi):
                 x = ex._layer(layer, x, meta)
         if len(new_full):
-            owed.hidden[idx["new_full"]] = x[base:]
+            owed.hidden[full_t] = x[base:]
             owed.depth[new_full] = hi
         owed.depth[proj] = hi
         lo = hi
@@ -291,12 +298,13 @@ def _meta_arrays(ex, blocks, active, pos_active, slot_active, chunked, chunk_cou
             "proj_positions": owed.position[proj], "new_full": new_full, "proj": proj}
 
 
-def _stage(ex, a: dict) -> tuple[LayerMeta, dict]:
-    """The exact (unpadded) metadata on the device, and index tensors into ``Owed``, in one copy."""
+def _stage(ex, a: dict) -> tuple[LayerMeta, Tensor, Tensor]:
+    """The exact (unpadded) metadata on the device, and the index tensors of the carried and the projected
+    entries into ``Owed``, in one copy."""
     names = ("positions", "slots", "tables", "context", "cu", "chunk_tables", "proj_positions", "new_full", "proj")
     (pos_t, slot_t, bt_t, ctx_t, cu_t, ct_t, proj_pos_t, full_t, proj_t) = ex._pinned.stage(
         *(a[k].astype(np.int32) for k in names))
     P, chunks = a["num_paged"], len(a["cu"]) > 1
     meta = LayerMeta(pos_t, slot_t, P, bt_t if P else None, ctx_t if P else None, cu_t if chunks else None,
                      ct_t if chunks else None, a["max_rows"], None, proj_pos_t if len(a["proj"]) else None)
-    return meta, {"new_full": full_t.long(), "proj": proj_t.long()}
+    return meta, full_t.long(), proj_t.long()
