@@ -153,7 +153,8 @@ class Grid:
     """Multilinear interpolation in log(1 + x) over a regular grid, monotone by a cumulative max, with
     roofline-scaled extrapolation from the nearest measured point."""
 
-    def __init__(self, axes: list[np.ndarray], values: np.ndarray, measured: np.ndarray, roof) -> None:
+    def __init__(self, axes: list[np.ndarray], values: np.ndarray, measured: np.ndarray, roof,
+                 monotone: bool = True) -> None:
         self.axes = [np.asarray(a, dtype=np.float64) for a in axes]
         self.logs = [_coord(a) for a in self.axes]
         self.roof = roof
@@ -161,7 +162,8 @@ class Grid:
         measured = np.asarray(measured, dtype=bool)
         values = _fill_missing(self.axes, values, measured, roof)
         self.raw = values.copy()
-        values = monotone_envelope(values)
+        if monotone:
+            values = monotone_envelope(values)
         self.values = values
         self.measured = measured
 
@@ -399,6 +401,7 @@ class ProfileCostModel:
                      f"({profile.meta.get('gpu') or 'unknown GPU'})"
         self.include_schedule = include_schedule
         self.chunk_padding = profile.meta.get("chunk_padding")  # how the profiled executor padded prompt chunks
+        self.decode_padding = profile.meta.get("decode_padding")  # ... and decode batches
         meta = profile.meta
         frame = profile.frame
         L, S = model.num_layers, model.num_segments
@@ -492,6 +495,15 @@ class ProfileCostModel:
         # dec(layers, B, c), the checks and the fill each decode measurement included already taken out
         lay = np.asarray(self.bounds[1:], dtype=np.float64)
         raw, flag = self.g_decode.on_mesh(lay, rows[1:], nodes)
+        if self.decode_padding:  # a batch ran at its padded size: price that many rows at the same KV bytes (a
+            real = rows[1:]  # padding row attends one key), the context clamped to the grid's least
+            padded = padded_rows(real, self.decode_padding)
+            moved = padded != real
+            if moved.any():
+                r, p = real[moved], padded[moved]
+                c = np.maximum(nodes[None, :] * (r / p)[:, None], float(dec["context"].min()))
+                v, f = self.g_decode(lay[:, None, None], p[None, :, None], c[None])
+                raw[:, moved], flag[:, moved] = v, flag[:, moved] | f
         for axis in range(3):  # deeper, more rows, longer contexts: never cheaper
             raw = np.maximum.accumulate(raw, axis=axis)
         marg = np.diff(np.concatenate([np.zeros((1, Dmax, Cn)), raw]), axis=0)
@@ -645,8 +657,11 @@ class ProfileCostModel:
         bs = chk["batch"].to_numpy().astype(np.float64)
         full, _ = self.g_full(bs, np.full(len(bs), c0))
         per = np.maximum((chk["median_s"].to_numpy() - full) / (S - 1), 0.0)
+        # not monotone: a check's cost is a difference of two timings, and the envelope (a running minimum
+        # from the largest batch) would price every batch at the largest batch's check, the cheapest measured
         g = Grid([np.unique(bs)], per[np.argsort(bs)], np.ones(len(bs), dtype=bool),
-                 lambda b: self.model.head_weight_bytes / BW + b * 2.0 * self.model.head_params / FR + SYNC)
+                 lambda b: self.model.head_weight_bytes / BW + b * 2.0 * self.model.head_params / FR + SYNC,
+                 monotone=False)
         tab[1:] = g(rows[1:])[0]
         return tab
 
@@ -1134,6 +1149,16 @@ def padded_tokens(n, rule: dict | None):
         return float(-(-k // step) * step if step and k > until else max(least, 1 << (k - 1).bit_length()))
     p2 = np.maximum(float(least), np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)))))
     return p2 if not step else np.where(n <= until, p2, np.ceil(n / step) * step)
+
+
+def padded_rows(n: np.ndarray, rule: dict | None) -> np.ndarray:
+    """Decode rows as the executor ran them: padded by ``rule`` (profile metadata ``decode_padding``: powers of
+    two up to ``pow2_until``, then multiples of ``step``), or ``n`` itself without a rule."""
+    if not rule:
+        return n
+    n = np.asarray(n, dtype=np.float64)
+    p2 = np.exp2(np.ceil(np.log2(np.maximum(n, 1.0))))
+    return np.where(n <= rule["pow2_until"], p2, np.ceil(n / rule["step"]) * rule["step"])
 
 
 def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -447,10 +447,12 @@ def profile(model: str = "llama2-7b", out: str | Path | None = None, grid: Profi
             "check_context": grid.check_context, "mixed_context": grid.mixed_context,
             "owed_batch": grid.owed_batch, "owed_context": grid.owed_context,
             "kv_positions": ex.num_blocks * ex.block_size, "block_size": ex.block_size}
-    if ex.cuda_graphs:  # prompt chunks run padded (mixed_graphs.py): the cost model prices the padded size
+    if ex.cuda_graphs:  # prompt chunks and decode batches run padded (mixed_graphs.py, batch.MetaStager): the
+        from eesim.gpu.batch import DECODE_PADDING  # cost model prices the padded sizes
         from eesim.gpu.mixed_graphs import TOKEN_PADDING
 
         meta["chunk_padding"] = dict(TOKEN_PADDING)
+        meta["decode_padding"] = dict(DECODE_PADDING)
     prof = Profiler(spec, ex, grid, out, meta, progress=progress, time_limit=time_limit)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -42,6 +42,16 @@ def error_table(measured: SimResult, simulated: SimResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def prepare_graphs(workload: Workload, config: SimConfig, executor) -> int:
+    """Capture the decode graphs ``workload`` can need under ``config`` (``GPUExecutor.capture_graphs``)."""
+    requests = workload.requests
+    if not requests:
+        return 0
+    rows = min(config.scheduler.max_num_seqs, len(requests))
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    return executor.capture_graphs(rows, min(longest, config.model.max_context))
+
+
 def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None
              ) -> tuple[pd.DataFrame, SimResult, SimResult]:
     """Measure ``workload`` on ``executor`` in real time and simulate it; returns (errors, measured,
@@ -49,9 +59,10 @@ def validate(workload: Workload, config: SimConfig, executor, cost_model: CostMo
     from eesim.gpu.serve import serve
     from eesim.simulator import simulate
 
-    # Untimed: graph captures and compilation happen here. In real time, so that the batches (and
-    # with them the CUDA-graph shapes) are those the timed pass will see; a capture in the timed pass
-    # would stall it for a whole model pass.
+    # Untimed: graph captures and compilation happen here: every decode shape the workload can reach up
+    # front, then one real-time pass, so that the batches (and with them the prompt-chunk graphs' shapes)
+    # are those the timed pass will see; a capture in the timed pass would stall it for a whole model pass.
+    prepare_graphs(workload, config, executor)
     serve(workload, config, executor, realtime=True)
     measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))

@@ -13,6 +13,11 @@ import torch
 from ._common import check_paged_attention, ieee_dot, next_pow2, num_sms, tl, triton, use_triton
 
 DEFAULT_PARTITION = 512
+# Split-K also when the context bound exceeds this, however many rows: without a split one program walks a
+# whole row, so a batch of mixed contexts waits for its longest row (on the H100, 48 rows of mean context
+# 1000 and longest 5800 took 1.25x the time of 48 uniform rows; benchmarks/decode_mix.py). Split into
+# partitions, the long rows spread over many programs. None: split only to fill the SMs.
+BALANCE_ABOVE: int | None = 1024
 
 
 @triton.jit
@@ -42,10 +47,12 @@ def _paged_decode_kernel(
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
 
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     ctx = tl.load(ctx_ptr + b)
     start = part * partition_size
+    # split-K: a partition past the row's context (the reduce never reads it) moves no bytes
+    live = mask_g & ((start + offs_g * 0) < ctx)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=live[:, None] & mask_d[None, :], other=0.0)
     end = tl.minimum(start + partition_size, ctx)
 
     # Finite "minus infinity" keeps exp2(m_old - m_new) NaN-free when a tile is fully masked.
@@ -86,10 +93,10 @@ def _paged_decode_kernel(
     if SPLIT:
         # Unnormalised partials in fp32; the reduce kernel rescales them by exp2(m - m_max).
         o = out_ptr + b * stride_ob + heads[:, None] * stride_oh + part * stride_op + offs_d[None, :]
-        tl.store(o, acc, mask=out_mask)
+        tl.store(o, acc, mask=live[:, None] & mask_d[None, :])
         ml = b * stride_mb + heads * stride_mh + part
-        tl.store(m_ptr + ml, m_i, mask=mask_g)
-        tl.store(l_ptr + ml, l_i, mask=mask_g)
+        tl.store(m_ptr + ml, m_i, mask=live)
+        tl.store(l_ptr + ml, l_i, mask=live)
     else:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context -> zeros, not NaN
         o = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -153,7 +160,8 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
     """Decode attention for ``q (batch, num_heads, head_dim)``; returns the same shape and dtype.
 
     ``split=None`` picks split-K (flash-decoding) when the context bound spans more than one
-    partition and ``batch * num_kv_heads`` alone would not fill the GPU's SMs. The context bound is
+    partition and either ``batch * num_kv_heads`` alone would not fill the GPU's SMs or the bound exceeds
+    ``BALANCE_ABOVE`` (so that a long row does not hold up the batch). The context bound is
     ``block_tables.shape[1] * block_size`` (no device sync), so trim block_tables to the batch's
     longest sequence. ``partition_size`` (a multiple of 16; by default 512, halved down to 64 while
     fewer than two programs per SM would run) sets the split length.
@@ -187,7 +195,8 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
         raise ValueError("partition_size must be a positive multiple of 16")
     n_parts = triton.cdiv(ctx_bound, psize)
     if split is None:
-        split = n_parts > 1 and batch * num_kv_heads < sms
+        split = n_parts > 1 and (batch * num_kv_heads < sms
+                                 or (BALANCE_ABOVE is not None and ctx_bound > BALANCE_ABOVE))
     if not split:
         psize, n_parts = triton.cdiv(ctx_bound, 16) * 16, 1
 

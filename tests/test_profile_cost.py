@@ -413,3 +413,28 @@ def test_chunks_priced_at_their_padded_size(profile_path, tmp_path):
     two = prefill_work(SPEC, 300, 0)
     both = IterationWork(*(np.concatenate([getattr(two, f)] * 2) for f in IterationWork.__slots__))
     np.testing.assert_allclose(pad.iteration_time(both), [pad.iteration_time(two)[0]] * 2, rtol=1e-12)
+
+
+def test_padded_rows_rule():
+    from eesim.gpu.batch import DECODE_PADDING, row_bucket
+    from eesim.profile_cost import padded_rows
+
+    n = np.arange(1, 300)
+    assert padded_rows(n, None) is n
+    np.testing.assert_array_equal(padded_rows(n, DECODE_PADDING), [row_bucket(int(x)) for x in n])
+    assert [row_bucket(x) for x in (1, 3, 5, 8, 9, 17, 64)] == [1, 4, 8, 8, 16, 24, 64]
+
+
+def test_decode_priced_at_its_padded_batch(profile_path, tmp_path):
+    """A profile whose executor padded decode batches prices b rows as the padded batch at the same KV bytes:
+    never below the unpadded price, equal on the buckets, and above it between them."""
+    profile = read_profile(profile_path)
+    padded = tmp_path / "padded_rows.parquet"
+    write_profile(padded, profile.frame, {**META, "decode_padding": {"pow2_until": 8, "step": 8}})
+    plain, pad = ProfileCostModel(profile_path, SPEC), ProfileCostModel(padded, SPEC)
+    for b in (1, 2, 4, 8, 16):  # buckets: unchanged
+        assert np.isclose(pad.iteration_time(decode_work(SPEC, b, 512))[0],
+                          plain.iteration_time(decode_work(SPEC, b, 512))[0], rtol=1e-9)
+    for b in (3, 5, 9):
+        p, q = pad.iteration_time(decode_work(SPEC, b, 512))[0], plain.iteration_time(decode_work(SPEC, b, 512))[0]
+        assert p > q

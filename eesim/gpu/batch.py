@@ -7,10 +7,9 @@ token ids, positions, KV slots, context lengths and block tables of all rows go 
 buffer and reach the device in one ``non_blocking`` copy; the views below are what the layers (and the
 CUDA graphs captured over them) read.
 
-The buffers are kept per (rows, block-table width): CUDA graphs capture device addresses, so the same
-shape must always land in the same device buffer. A pinned host buffer is only rewritten when the copy
-out of it has finished: within one ``execute`` each shape is staged once (the batch only shrinks),
-and ``execute`` ends with a synchronisation.
+The buffers are kept per (padded rows, block-table width): CUDA graphs capture device addresses, so the
+same shape must always land in the same device buffer. A pinned host buffer is only rewritten once the
+copy out of it has finished (an event per buffer).
 """
 
 from __future__ import annotations
@@ -23,15 +22,32 @@ from torch import Tensor
 
 # Block tables are padded to a multiple of this many blocks, so that graphs are reused as contexts grow.
 WIDTH_QUANTUM = 32
+# Decode rows are padded, as serving engines pad to their captured batch sizes: powers of two up to
+# ``pow2_until``, then multiples of ``step``. Decode reads the weights once for all rows, so a padded row
+# costs little (its attention reads one key and it writes no K/V), while each distinct row count would
+# otherwise be one more graph to capture under load. The profiler records this rule (``decode_padding``)
+# and the profile-backed cost model prices a batch at its padded size.
+DECODE_PADDING = {"pow2_until": 8, "step": 8}
+
+
+def row_bucket(n: int) -> int:
+    """Rows a decode batch of ``n`` rows runs as."""
+    if n <= DECODE_PADDING["pow2_until"]:
+        return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+    return -(-int(n) // DECODE_PADDING["step"]) * DECODE_PADDING["step"]
 
 
 @dataclass
 class DecodeMeta:
+    """``n`` padded rows, the first ``rows`` real; a padding row has token 0 at position 0, slot -1 (no K/V
+    written) and attends one key of block 0."""
+
     ids: Tensor  # (n,) int32 input token ids
     positions: Tensor  # (n,) int32 position of each row's new token
     slots: Tensor  # (n,) int32 flat KV slot of that position
     context_lens: Tensor  # (n,) int32 positions attended (position + 1)
     block_tables: Tensor  # (n, width) int32, zero-padded
+    rows: int = 0  # real rows (the first ones)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -41,22 +57,30 @@ class DecodeMeta:
 class MetaStager:
     def __init__(self, device: torch.device, block_size: int) -> None:
         self.device, self.block_size = device, block_size
-        self._bufs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._bufs: dict[tuple[int, int], list] = {}  # (rows, width) -> [pinned host, device, copy's event]
 
-    def stage(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, blocks: list) -> DecodeMeta:
-        """``blocks[i]``: the block ids of row i's sequence (at least up to its position)."""
-        n = len(ids)
+    def stage(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, blocks: list,
+              width: int | None = None) -> DecodeMeta:
+        """``blocks[i]``: the block ids of row i's sequence (at least up to its position). Rows are padded to
+        ``row_bucket``; ``width`` (blocks) overrides the block-table width the positions need."""
+        rows = len(ids)
+        n = row_bucket(rows)
         need = -(-(positions.astype(np.int64) + 1) // self.block_size)
-        width = int(-(-int(need.max()) // WIDTH_QUANTUM) * WIDTH_QUANTUM)
+        if width is None:
+            width = int(-(-int(need.max()) // WIDTH_QUANTUM) * WIDTH_QUANTUM)
         key = (n, width)
         if key not in self._bufs:
             cuda = self.device.type == "cuda"
             host = torch.empty(n * (4 + width), dtype=torch.int32, pin_memory=cuda)
             dev = torch.empty_like(host, device=self.device) if cuda else host
-            self._bufs[key] = (host, dev)
-        host, dev = self._bufs[key]
+            self._bufs[key] = [host, dev, None]
+        host, dev, copied = self._bufs[key]
+        if copied is not None:  # padded rows: a shrinking batch can come back to a shape staged this iteration
+            copied.synchronize()
         h = host.numpy()
-        h[:n], h[n:2 * n], h[2 * n:3 * n], h[3 * n:4 * n] = ids, positions, slots, positions + 1
+        h[:4 * n] = 0
+        h[:rows], h[n:n + rows], h[2 * n:2 * n + rows], h[3 * n:3 * n + rows] = ids, positions, slots, positions + 1
+        h[2 * n + rows:3 * n], h[3 * n + rows:4 * n] = -1, 1  # padding: no K/V written, one key attended
         bt = h[4 * n:].reshape(n, width)
         bt[:] = 0
         for i, row_blocks in enumerate(blocks):
@@ -64,7 +88,9 @@ class MetaStager:
             bt[i, :k] = row_blocks[:k]
         if dev is not host:
             dev.copy_(host, non_blocking=True)
-        return DecodeMeta(dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n], dev[4 * n:].view(n, width))
+            self._bufs[key][2] = torch.cuda.Event()
+            self._bufs[key][2].record()
+        return DecodeMeta(dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n], dev[4 * n:].view(n, width), rows)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         x_keep = out.x[torch.as_tensor(keep, device=dev)]
         active = active[keep]
         meta = ex._stager.stage(ids[active], pos[active], slots[active], [blocks[b] for b in active])
-        graphs.set_x(x_keep)
+        graphs.set_x(x_keep, meta)
 
     if fill_h:  # owed K/V of the rows that left, every layer they skipped: one launch
         rows = np.concatenate(fill_rows)

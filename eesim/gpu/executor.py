@@ -288,6 +288,35 @@ class GPUExecutor:
         """CUDA graphs captured so far: each one stalled the iteration that first needed its shape."""
         return self._segment_graphs.captures + self._mixed_graphs.captures
 
+    @torch.no_grad()
+    def capture_graphs(self, max_rows: int, max_context: int) -> int:
+        """Capture up front every decode graph a run of at most ``max_rows`` decode rows and ``max_context``
+        positions can need (each padded row count x block-table width x stretch of the current exits),
+        as serving engines capture their batch sizes at start-up; otherwise a shape first met under load
+        stalls that iteration for a model pass and a capture. Returns the graphs captured (0 off CUDA)."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return 0
+        from eesim.gpu.batch import WIDTH_QUANTUM, row_bucket
+
+        spec, graphs = self.spec, self._segment_graphs
+        bounds, S = spec.segment_bounds, spec.num_segments
+        stretches = [(0, spec.num_layers, "final")]
+        if self.rule.checks_confidence and S > 1:
+            stretches += [(bounds[s], bounds[s + 1], ("check", s) if s < S - 1 else "final") for s in range(S)]
+        buckets = sorted({row_bucket(n) for n in range(1, max(1, max_rows) + 1)})
+        blocks = -(-max(1, max_context) // self.block_size)
+        widths = range(WIDTH_QUANTUM, -(-blocks // WIDTH_QUANTUM) * WIDTH_QUANTUM + 1, WIDTH_QUANTUM)
+        before = graphs.captures
+        for n in buckets:
+            for width in widths:
+                # rows of padding only (slot -1: nothing written), in the buffers real batches of the shape use
+                meta = self._stager.stage(np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64),
+                                          [[0]] * n, width=width)
+                for lo, hi, tail in stretches:
+                    graphs.ensure(lo, hi, meta, tail)
+        torch.cuda.synchronize()
+        return graphs.captures - before
+
     def _to_host(self, t: Tensor) -> np.ndarray:
         """``t.cpu().numpy()`` through a pinned buffer (a non-blocking copy, then a stream sync)."""
         if t.device.type != "cuda":

@@ -10,9 +10,10 @@ So a step pays one graph launch per exit checked and one small host read per che
 values), instead of an eager head, eager measure and host-built metadata per segment. With no checks
 the whole depth, the embedding lookup and the final head are one graph.
 
-The residual stream between stretches lives in one device buffer per batch size (the graphs read and
-write it in place); the metadata comes from ``batch.MetaStager`` (one copy per batch shape). Graphs are
-captured lazily per (lo, hi, rows, block-table width, tail). Off CUDA the same function runs eagerly,
+The residual stream between stretches lives in one device buffer per padded batch size (the graphs read
+and write it in place); the metadata comes from ``batch.MetaStager`` (one copy per batch shape, rows
+padded to ``batch.row_bucket``). Graphs are captured per (lo, hi, padded rows, block-table width, tail):
+lazily, or up front by ``capture``. Off CUDA the same function runs eagerly,
 so the CPU tests exercise this path's logic.
 """
 
@@ -47,9 +48,10 @@ class SegmentGraphs:
         self._graphs.clear()
         self._pool = None  # the old pool is released with its graphs; capturing into it again fails
 
-    def set_x(self, x: Tensor) -> None:
-        """Start the next stretch (lo > 0) from ``x``: the rows still running after an exit."""
-        self._buf(x.shape[0]).copy_(x)
+    def set_x(self, x: Tensor, meta: DecodeMeta) -> None:
+        """Start the next stretch (lo > 0) from ``x``: the rows still running after an exit, the first
+        ``meta.rows`` of its padded batch (the padding rows keep whatever finite values they hold)."""
+        self._buf(meta.ids.shape[0])[:x.shape[0]].copy_(x)
 
     def _buf(self, n: int) -> Tensor:
         if n not in self._xbuf:
@@ -83,15 +85,28 @@ class SegmentGraphs:
 
     def run_layers(self, lo: int, hi: int, x: Tensor, meta: DecodeMeta) -> Tensor:
         """Layers lo..hi-1 from ``x`` with no head after them (the general path's decode-only stretches);
-        returns the batch size's residual buffer."""
+        returns the real rows of the batch size's residual buffer."""
         if lo > 0:
-            self.set_x(x)
+            self.set_x(x, meta)
         return self.run(lo, hi, meta, None).x
 
     def run(self, lo: int, hi: int, meta: DecodeMeta, tail) -> StretchOut:
-        ex = self.ex
-        if ex.device.type != "cuda":
+        """The stretch over the padded batch; returns its real rows (views of the static outputs)."""
+        out = self._run_padded(lo, hi, meta, tail)
+        r = meta.rows
+        return StretchOut(out.x[:r], None if out.conf is None else out.conf[:r],
+                          None if out.token is None else out.token[:r])
+
+    def _run_padded(self, lo: int, hi: int, meta: DecodeMeta, tail) -> StretchOut:
+        if self.ex.device.type != "cuda":
             return self._body(lo, hi, meta, tail)
+        graph, out = self.ensure(lo, hi, meta, tail)
+        graph.replay()
+        return out
+
+    def ensure(self, lo: int, hi: int, meta: DecodeMeta, tail) -> tuple:
+        """The graph of this stretch and shape (CUDA), captured now if it is new; (graph, its outputs)."""
+        ex = self.ex
         key = (lo, hi, meta.key, tail)
         entry = self._graphs.get(key)
         if entry is None:
@@ -110,6 +125,4 @@ class SegmentGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._body(lo, hi, meta, tail)
             entry = self._graphs[key] = (graph, out)
-        graph, out = entry
-        graph.replay()
-        return out
+        return entry
