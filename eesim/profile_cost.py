@@ -718,10 +718,11 @@ class ProfileCostModel:
         elif np.count_nonzero(chk):
             ctab = self.chk_tab if self.fill_like else self.chk_eager_tab
             ci = chk.astype(np.int64)
-            try:
-                per = ctab[ci]
-            except IndexError:  # more checked rows than the table: its last row
-                per = ctab[np.minimum(ci, Dmax)]
+            if np.maximum.reduce(ci, axis=None) > Dmax:  # more checked rows than the table: its last row
+                ci = np.minimum(ci, Dmax)
+            per = ctab[ci]
+            if self.own_pass and not self.fill_like:  # steps that re-run no owed rows check on the graphed path
+                per = np.where(rec.any(axis=1)[:, None], per, self.chk_tab[ci])
             parts["checks"] = np.add.reduce(per * self._nonterminal[work.batch_reach], axis=1)
         if has_proj and self.fill_like:
             rows = np.maximum.reduce(proj, axis=1)
@@ -941,7 +942,7 @@ class ProfileCostModel:
         if own_checks:
             parts["checks"] = 0.0
         elif any(chk):
-            ctab = self._s_chk if self.fill_like else self._s_chk_eager
+            ctab = self._s_chk if self.fill_like or (self.own_pass and not has_rec) else self._s_chk_eager
             nt = self._s_nonterminal[int(work.batch_reach[0])]
             parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
         if has_proj and self.fill_like:
@@ -1072,6 +1073,8 @@ class ProfileCostModel:
             kv_policy = _kv(kv_policy)
         self.policy = kv_policy
         self.fill_like = kv_policy is None or (kv_policy.settle == "iteration_end" and kv_policy.work == "kv_projection")
+        # recompute: a step with nothing owed runs the graphed decode path (exits keep their state for later)
+        self.own_pass = kv_policy is not None and kv_policy.settle == "own_pass"
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing

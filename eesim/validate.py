@@ -1,8 +1,9 @@
 """The simulator against the hardware, on the same work: ``eesim validate``.
 
 Serves a workload on the GPU executor in real time (requests arrive at their wall-clock times, as a
-server would see them), after one untimed real-time pass of the same workload so that CUDA-graph
-captures and kernel compilation stay out of the timed run; then simulates the same workload and configuration
+server would see them), after the decode graphs are captured up front and untimed real-time passes of
+the same workload (until one captures no new graph) so that CUDA-graph captures and kernel compilation
+stay out of the timed run; then simulates the same workload and configuration
 (same requests, same recorded generations, same scheduler) and reports the simulator's error per
 metric against the goals of the fidelity study.
 """
@@ -52,10 +53,11 @@ def prepare_graphs(workload: Workload, config: SimConfig, executor) -> int:
     return executor.capture_graphs(rows, min(longest, config.model.max_context))
 
 
-def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None
-             ) -> tuple[pd.DataFrame, SimResult, SimResult]:
+def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None,
+             warmups: int = 3) -> tuple[pd.DataFrame, SimResult, SimResult]:
     """Measure ``workload`` on ``executor`` in real time and simulate it; returns (errors, measured,
-    simulated)."""
+    simulated). Before the timed pass: the decode graphs captured up front, then untimed real-time passes,
+    at most ``warmups``, until one captures no graph."""
     from eesim.gpu.serve import serve
     from eesim.simulator import simulate
 
@@ -63,7 +65,9 @@ def validate(workload: Workload, config: SimConfig, executor, cost_model: CostMo
     # front, then one real-time pass, so that the batches (and with them the prompt-chunk graphs' shapes)
     # are those the timed pass will see; a capture in the timed pass would stall it for a whole model pass.
     prepare_graphs(workload, config, executor)
-    serve(workload, config, executor, realtime=True)
+    for _ in range(warmups):  # until a pass meets no new shape (kernels compiled, graphs captured)
+        if not serve(workload, config, executor, realtime=True).summary.get("graph_captures", 0):
+            break
     measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)

@@ -1,11 +1,12 @@
 """The graphed decode path: a plan of one-token decode rows, stretch by stretch through CUDA graphs.
 
 Covers the plans ``GPUExecutor._graphed_decode_ok`` admits (every row a decode step; exits settled by
-fill, or no exits and nothing owed): ``batch.MetaStager`` ships the rows' metadata in one copy and
+fill or kept for recompute, nothing else owed): ``batch.MetaStager`` ships the rows' metadata in one copy and
 ``segments.SegmentGraphs`` runs each stretch between exits checked (the whole depth when none is) as
 one CUDA graph with the exit's head and confidence, or the final head, inside. After each check the
 host reads the confidences (a few bytes), the rule decides, and the batch shrinks by the rows that
-left; their owed K/V is filled in one ``fused_fill`` launch at the end.
+left; their owed K/V is filled in one ``fused_fill`` launch at the end (fill), or their exit states are
+kept in the hidden pool for their own next pass (recompute).
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         meta = ex._stager.stage(ids[active], pos[active], slots[active], [blocks[b] for b in active])
         graphs.set_x(x_keep, meta)
 
-    if fill_h:  # owed K/V of the rows that left, every layer they skipped: one launch
+    if fill_h and ex.policy.settle == "own_pass":  # recompute: the exit state, for the owed layers' own pass
+        rows = np.concatenate(fill_rows)
+        (slot_t,) = ex._pinned.stage(slots[rows].astype(np.int32))
+        ex.hidden_pool[slot_t.long()] = torch.cat(fill_h)
+    elif fill_h:  # fill: owed K/V of the rows that left, every layer they skipped: one launch
         rows = np.concatenate(fill_rows)
         layer = np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)])
         layer_t, pos_t, slot_t = ex._pinned.stage(layer.astype(np.int32), pos[rows].astype(np.int32),

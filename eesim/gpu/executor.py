@@ -272,7 +272,8 @@ class GPUExecutor:
     # ---- the graphed decode path --------------------------------------------------------------------
     def _graphed_decode_ok(self, plan: IterationPlan) -> bool:
         """Plans the graphed path covers: every row a one-token decode step; exits (if checked) settled by
-        fill at the end of the iteration, or no exits and nothing owed; no kept logits."""
+        fill at the end of the iteration or kept for recompute's own pass, or no exits; nothing owed (but
+        fill's); no kept logits."""
         if not self.cuda_graphs or self.keep_logits or not len(plan.seqs) or (plan.num_new != 1).any():
             return False
         policy = self.policy
@@ -281,7 +282,9 @@ class GPUExecutor:
             return False
         if policy.settle == "iteration_end" and policy.work == "kv_projection":
             return True
-        return not checks and not any(len(o) for o in plan.owed)
+        # recompute with nothing owed: rows that leave keep their exit state for their own next pass (no
+        # owed entry rides along in this one, as copy_hidden's would)
+        return (not checks or policy.settle == "own_pass") and not any(len(o) for o in plan.owed)
 
     @property
     def graph_captures(self) -> int:
