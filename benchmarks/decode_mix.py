@@ -44,18 +44,11 @@ def place(seqs, layout: str, num_blocks: int, rng: np.random.Generator) -> None:
     """Re-assign the sequences' blocks: contiguous per sequence, scattered at random over the whole cache,
     or interleaved (block j of every sequence side by side, as rows decoding together allocate)."""
     need = [len(s.blocks) for s in seqs]
-    if layout == "contiguous":
-        free = np.arange(num_blocks)
-        off = 0
-        for s, n in zip(seqs, need):
-            s.blocks = free[off:off + n].tolist()
-            off += n
-    elif layout == "scattered":
-        perm = rng.permutation(num_blocks)
-        off = 0
-        for s, n in zip(seqs, need):
-            s.blocks = perm[off:off + n].tolist()
-            off += n
+    if layout in ("contiguous", "scattered"):
+        order = np.arange(num_blocks) if layout == "contiguous" else rng.permutation(num_blocks)
+        ends = np.cumsum(need)
+        for s, n, end in zip(seqs, need, ends):
+            s.blocks = order[end - n:end].tolist()
     else:  # interleaved
         nxt = 0
         out = [[] for _ in seqs]

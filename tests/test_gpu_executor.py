@@ -344,3 +344,20 @@ def test_triton_interpreter_matches_torch(policy):
                             ex.k_cache.clone())
     assert results["torch"][:2] == results["triton"][:2]
     torch.testing.assert_close(results["torch"][2], results["triton"][2], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_metadata_padded_to_capture_sizes():
+    """5 rows stage as 8: the real rows first, then padding that writes no K/V (slot -1) and attends one key of
+    block 0; a width passed in overrides the one the positions need (capture_graphs stages every width)."""
+    from eesim.gpu.batch import MetaStager, row_bucket
+
+    stager = MetaStager(torch.device("cpu"), BLOCK)
+    pos = np.array([3, 9, 0, 14, 6])
+    meta = stager.stage(np.arange(5) + 1, pos, np.arange(5) + 100, [[7, 8, 9, 10]] * 5)
+    assert meta.rows == 5 and meta.ids.shape[0] == row_bucket(5) == 8
+    np.testing.assert_array_equal(meta.slots.numpy(), [100, 101, 102, 103, 104, -1, -1, -1])
+    np.testing.assert_array_equal(meta.context_lens.numpy(), [4, 10, 1, 15, 7, 1, 1, 1])
+    np.testing.assert_array_equal(meta.ids.numpy()[5:], 0)
+    assert (meta.block_tables.numpy()[5:] == 0).all() and meta.block_tables.numpy()[3, :4].tolist() == [7, 8, 9, 10]
+    wide = stager.stage(np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(2, -1), [[0]] * 2, width=64)
+    assert tuple(wide.block_tables.shape) == (2, 64) and wide.rows == 2
