@@ -680,6 +680,19 @@ class ProfileCostModel:
         excess = work.attn_context[:, 0] - R[:, 0]
         chunk = excess > 0.5  # a prompt chunk: attention beyond the KV reads
         chunks = np.count_nonzero(chunk)
+        graphed = None  # (T,) steps of a policy that carries debts, run on the graphed decode path
+        if not self.fill_like and self.graphs_fresh:
+            carried = work.carried
+            graphed = ~chunk if carried is None else (carried == 0) & ~chunk
+            if not graphed.any():
+                graphed = None
+        # copy_hidden's rows projected on the graphed path: one fused projection at the end, priced as fill
+        proj_fill = proj if self.fill_like else (proj * graphed[:, None] if graphed is not None and has_proj
+                                                 and self.policy.work == "kv_projection" else None)
+        if proj_fill is not None and proj_fill is not proj:
+            proj = proj - proj_fill
+            has_proj = np.count_nonzero(proj) > 0
+        has_fill = proj_fill is not None and np.count_nonzero(proj_fill) > 0
         # a step is special when it holds a prompt chunk, re-runs owed rows, or projects them (not fill)
         any_special = chunks > 0 or has_rec or (has_proj and not self.fill_like)
         ext = None
@@ -721,12 +734,12 @@ class ProfileCostModel:
             if np.maximum.reduce(ci, axis=None) > Dmax:  # more checked rows than the table: its last row
                 ci = np.minimum(ci, Dmax)
             per = ctab[ci]
-            if self.own_pass and not self.fill_like:  # steps that re-run no owed rows check on the graphed path
-                per = np.where(rec.any(axis=1)[:, None], per, self.chk_tab[ci])
+            if graphed is not None:  # the graphed path's checks
+                per = np.where(graphed[:, None], self.chk_tab[ci], per)
             parts["checks"] = np.add.reduce(per * self._nonterminal[work.batch_reach], axis=1)
-        if has_proj and self.fill_like:
-            rows = np.maximum.reduce(proj, axis=1)
-            lm = (proj @ self.seg_layers) / np.maximum(rows, 1.0)
+        if has_fill:
+            rows = np.maximum.reduce(proj_fill, axis=1)
+            lm = (proj_fill @ self.seg_layers) / np.maximum(rows, 1.0)
             li = np.minimum(lm.astype(np.int64), self.L - 1)
             lf = lm - li
             v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
@@ -747,7 +760,7 @@ class ProfileCostModel:
                 self.extrapolated_by["decode"] = self.extrapolated_by.get("decode", 0) + n_dec
                 flagged = dec_flag
         if any_special:
-            sflag = self._special(work, parts, chunk, excess, has_rec, has_proj)
+            sflag = self._special(work, parts, chunk, excess, has_rec, has_proj, proj)
             if sflag is not None:
                 flagged = sflag if flagged is None else flagged | sflag
         if flagged is not None:
@@ -757,7 +770,7 @@ class ProfileCostModel:
         return parts
 
     def _special(self, work: IterationWork, parts: dict, chunk: np.ndarray, excess: np.ndarray, has_rec,
-                 has_proj) -> int:
+                 has_proj, proj: np.ndarray) -> int:
         """Steps priced through the two-axis grids: prompt chunks, and owed rows projected (policies other
         than fill) or re-run. Writes their parts and counts their extrapolations per component in
         ``extrapolated_by``; returns the mask of steps any of them extrapolated (None: none)."""
@@ -768,7 +781,7 @@ class ProfileCostModel:
         gid = self._gid
         groups = []  # (name, steps, grid, x0, x1): one group of points each, looked up together
         for name, rows, on in (("recompute", work.recompute_rows, has_rec),
-                               ("proj", work.proj_rows, has_proj and not self.fill_like)):
+                               ("proj", proj, has_proj and not self.fill_like)):
             if on and name in gid:
                 t = np.flatnonzero(rows.any(axis=1))
                 sub = rows[t]
@@ -910,7 +923,11 @@ class ProfileCostModel:
         has_proj = any(proj)
         excess = work.attn_context.item(0) - R[0]
         chunk = excess > 0.5
-        special = chunk or has_rec or (has_proj and not self.fill_like)
+        # a step of a policy that carries debts, with none carried in and no prompt chunk: the graphed path
+        graphed = not self.fill_like and self.graphs_fresh and not chunk and (
+            work.carried is None or work.carried.item(0) == 0)
+        fill_proj = has_proj and (self.fill_like or (graphed and self.policy.work == "kv_projection"))
+        special = chunk or has_rec or (has_proj and not fill_proj)
         chk = work.check_rows[0].tolist()
         all_chunks = special and self.g_prefill is not None and chunk
         ext = False
@@ -942,10 +959,10 @@ class ProfileCostModel:
         if own_checks:
             parts["checks"] = 0.0
         elif any(chk):
-            ctab = self._s_chk if self.fill_like or (self.own_pass and not has_rec) else self._s_chk_eager
+            ctab = self._s_chk if self.fill_like or graphed else self._s_chk_eager
             nt = self._s_nonterminal[int(work.batch_reach[0])]
             parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
-        if has_proj and self.fill_like:
+        if fill_proj:
             rows = max(proj)
             lm = sum([p * w for p, w in zip(proj, self._s_seg_layers)]) / max(rows, 1.0)  # integers: exact
             li = min(int(lm), self.L - 1)
@@ -958,7 +975,8 @@ class ProfileCostModel:
         if ext:  # (then not all_chunks: the decode table priced this step)
             self.extrapolated_by["decode"] = self.extrapolated_by.get("decode", 0) + 1
             flagged = True
-        if special and self._special1(work, parts, full, rec, proj, chk, R, excess, has_rec, has_proj, chunk):
+        if special and self._special1(work, parts, full, rec, proj, chk, R, excess, has_rec, has_proj and not fill_proj,
+                                      chunk):
             flagged = True
         if flagged:
             self.extrapolated += 1
@@ -1073,8 +1091,9 @@ class ProfileCostModel:
             kv_policy = _kv(kv_policy)
         self.policy = kv_policy
         self.fill_like = kv_policy is None or (kv_policy.settle == "iteration_end" and kv_policy.work == "kv_projection")
-        # recompute: a step with nothing owed runs the graphed decode path (exits keep their state for later)
-        self.own_pass = kv_policy is not None and kv_policy.settle == "own_pass"
+        # copy_hidden, recompute: a decode step with nothing owed runs the graphed path (GPUExecutor.
+        # _graphed_decode_ok), its exits settled at the end of the pass (decode_path._settle_exits)
+        self.graphs_fresh = kv_policy is not None and (kv_policy.work == "kv_projection" or kv_policy.settle == "own_pass")
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing

@@ -47,6 +47,8 @@ class WorkCounter:
         self._exact = np.eye(model.num_segments) - np.eye(model.num_segments, k=-1)
         self._zeros = np.zeros((1, model.num_segments))
         self._zeros.flags.writeable = False  # shared by one-step records that owe nothing
+        self._none = np.zeros(1)
+        self._none.flags.writeable = False
 
     def count(self, plan: IterationPlan, exit_index: np.ndarray) -> IterationWork:
         """Work of each of the plan's steps, given the exit index of every row in every step (T, B)."""
@@ -91,7 +93,11 @@ class WorkCounter:
         else:
             proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
         syncs = (check_rows > 0).sum(axis=1)
-        return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach)
+        carried = self._none if steps == 1 else np.zeros(steps)
+        if self.policy.settle != "iteration_end" and steps == 1 and any(plan.owed):
+            carried = np.array([float(sum(len(o) for o in plan.owed))])
+        return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach,
+                             carried)
 
     def _count_settlement(self, plan: IterationPlan, exit_index: np.ndarray, batch_reach: int,
                           rows: np.ndarray, context: np.ndarray) -> None:

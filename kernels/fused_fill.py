@@ -96,10 +96,10 @@ def _fused_fill_kernel(
 
 
 def fused_fill_ref(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, sin,
-                   k_cache, v_cache):
+                   k_cache, v_cache, end_layer=None):
     """Loop reference with the kernel's rounding points: fp32 norm, cast to the weight dtype,
     fp32 matmul + rotary, cast to the cache dtype."""
-    num_layers = k_cache.shape[0]
+    num_layers = k_cache.shape[0] if end_layer is None else end_layer
     block_size, kv_heads, head_dim = k_cache.shape[2:]
     half = head_dim // 2
     hf = h.float()
@@ -119,25 +119,29 @@ def fused_fill_ref(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, co
 
 
 def fused_fill(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, sin,
-               k_cache, v_cache, *, backend=None):
+               k_cache, v_cache, *, end_layer=None, backend=None):
     """In place on ``k_cache, v_cache (L, num_blocks, block_size, kv_heads, head_dim)``.
 
     ``h (n, hidden)``, ``exit_layer (n,)`` int32, ``positions (n,)`` / ``slot (n,)`` int64,
     ``input_norm_w (L, hidden)``, ``wk, wv (L, kv_heads*head_dim, hidden)``, ``cos, sin
-    (max_pos, head_dim // 2)``.
+    (max_pos, head_dim // 2)``. ``end_layer``: fill layers ``exit_layer[n] .. end_layer - 1`` only
+    (copy_hidden: the layers the rest of the batch ran in this pass); default every layer to the last.
     """
     n, hidden = h.shape
     num_layers, _, block_size, kv_heads, head_dim = k_cache.shape
+    if end_layer is not None and not 0 <= end_layer <= num_layers:
+        raise ValueError(f"end_layer must be in 0..{num_layers}, got {end_layer}")
     if wk.shape != (num_layers, kv_heads * head_dim, hidden) or wv.shape != wk.shape:
         raise ValueError(f"wk/wv must be {(num_layers, kv_heads * head_dim, hidden)}")
     if input_norm_w.shape != (num_layers, hidden) or v_cache.shape != k_cache.shape:
         raise ValueError("input_norm_w / v_cache shapes disagree with k_cache")
-    if n == 0:
+    end = num_layers if end_layer is None else int(end_layer)
+    if n == 0 or end == 0:
         return
     if not use_triton(backend, h, k_cache) or head_dim & (head_dim - 1) or head_dim < 32:
         # Triton path needs power-of-two head_dim with half >= 16 (tl.dot minimum N).
         fused_fill_ref(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, sin,
-                       k_cache, v_cache)
+                       k_cache, v_cache, end)
         return
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     h = h if h.stride(-1) == 1 else h.contiguous()
@@ -151,7 +155,7 @@ def fused_fill(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, s
     BLOCK_T = min(64, max(16, next_pow2(n)))
     # 64-wide K chunks: three weight tiles of 64 x head_dim bf16 per step stay in registers.
     BLOCK_K = 64
-    grid = (num_layers, kv_heads, triton.cdiv(n, BLOCK_T))
+    grid = (end, kv_heads, triton.cdiv(n, BLOCK_T))  # one program row per layer filled
     kc, vc = k_cache, v_cache
     _fused_fill_kernel[grid](
         h, exit_layer.to(torch.int32).contiguous(), positions.contiguous(), slot.contiguous(),

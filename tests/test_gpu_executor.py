@@ -182,6 +182,7 @@ def test_kv_cache_matches_policy_definition(model, policy):
     (RandomExits(0.3, seed=5), "recompute", "max_prob", 0.9),
     (RandomExits(0.04, seed=7), "recompute", "max_prob", 0.9),  # few exits: mostly nothing owed
     (RandomExits(0.3, seed=6), "copy_hidden", "max_prob", 0.9),
+    (RandomExits(0.05, seed=8), "copy_hidden", "max_prob", 0.9),  # few exits: mostly nothing owed
 ])
 def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr):
     """cuda_graphs=True sends pure-decode plans through segments.py and plans with prompt chunks through
@@ -208,8 +209,8 @@ def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr
             sch.update(plan, out, [0.0])
     if policy == "fill" or rule == "full":
         assert graphed >= 10
-    if policy == "recompute" and rule.p < 0.1:
-        assert graphed >= 5  # decode steps with nothing owed, exits kept for their own pass
+    if policy != "fill" and isinstance(rule, RandomExits) and rule.p < 0.1:
+        assert graphed >= 5  # decode steps with nothing owed, exits settled at the end of the pass
     assert pair[1][0]._mixed_graphs._shapes  # prompt chunks ran padded
     written = ~torch.isnan(pair[0][0].k_cache)
     assert torch.equal(written, ~torch.isnan(pair[1][0].k_cache))

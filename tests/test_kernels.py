@@ -249,6 +249,28 @@ def test_fused_fill_matches_ref_and_writes_only_skipped_layers(dtype, n, hidden,
 
 
 @needs_triton
+@pytest.mark.parametrize("end_layer", [0, 1, 2])
+def test_fused_fill_end_layer_writes_only_up_to_it(end_layer):
+    """copy_hidden's in-pass projection: layers exit_layer .. end_layer - 1 only."""
+    n, hidden, num_layers, kv_heads, head_dim = 7, 96, 3, 2, 64
+    args, shape = fill_inputs(n, hidden, num_layers, kv_heads, head_dim, torch.float32, seed=11)
+    kc = torch.full(shape, float("nan"), device=DEVICE)
+    vc = torch.full(shape, float("nan"), device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    fused_fill(**args, k_cache=kc, v_cache=vc, end_layer=end_layer, backend="triton")
+    fused_fill_ref(**args, k_cache=kc_ref, v_cache=vc_ref, end_layer=end_layer)
+    expect = torch.zeros(shape[0], shape[1] * shape[2], dtype=torch.bool, device=DEVICE)
+    for t in range(n):
+        expect[int(args["exit_layer"][t]):end_layer, int(args["slot"][t])] = True
+    written = ~kc.view(shape[0], -1, kv_heads * head_dim).isnan()
+    assert torch.equal(written.all(-1), expect)
+    torch.testing.assert_close(kc, kc_ref, equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(vc, vc_ref, equal_nan=True, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="end_layer"):
+        fused_fill(**args, k_cache=kc, v_cache=vc, end_layer=num_layers + 1, backend="triton")
+
+
+@needs_triton
 def test_fused_fill_no_skipped_layers_is_noop():
     args, shape = fill_inputs(4, 64, 2, 2, 64, torch.float32)
     args["exit_layer"][:] = shape[0]

@@ -250,7 +250,8 @@ def _mixed_record(rng, spec, steps):
         if kind == 3:
             w.recompute_rows[:, k + 1:] = rng.integers(1, 40)
         recs.append(w)
-    return IterationWork(*(np.concatenate([getattr(r, f) for r in recs]) for f in IterationWork.__slots__))
+    return IterationWork(*(None if getattr(recs[0], f) is None else np.concatenate([getattr(r, f) for r in recs])
+                           for f in IterationWork.__slots__))
 
 
 @pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
@@ -411,7 +412,8 @@ def test_chunks_priced_at_their_padded_size(profile_path, tmp_path):
         assert np.isclose(pad.iteration_time(prefill_work(SPEC, n, 0))[0],
                           plain.iteration_time(prefill_work(SPEC, bucket, 0))[0], rtol=1e-12)
     two = prefill_work(SPEC, 300, 0)
-    both = IterationWork(*(np.concatenate([getattr(two, f)] * 2) for f in IterationWork.__slots__))
+    both = IterationWork(*(None if getattr(two, f) is None else np.concatenate([getattr(two, f)] * 2)
+                           for f in IterationWork.__slots__))
     np.testing.assert_allclose(pad.iteration_time(both), [pad.iteration_time(two)[0]] * 2, rtol=1e-12)
 
 
@@ -438,3 +440,22 @@ def test_decode_priced_at_its_padded_batch(profile_path, tmp_path):
     for b in (3, 5, 9):
         p, q = pad.iteration_time(decode_work(SPEC, b, 512))[0], plain.iteration_time(decode_work(SPEC, b, 512))[0]
         assert p > q
+
+
+def test_copy_hidden_steps_owing_nothing_priced_as_the_graphed_path(profile_path):
+    """A copy_hidden decode step that starts owing nothing runs the executor's graphed path: its exits' K/V
+    projected in one fused launch and its checks graphed, i.e. priced as fill prices the same work; a step
+    that carried debts in keeps the general path's price (eager checks, projection rows in the mixed grid).
+    On both pricing paths (one-step and vectorised)."""
+    from dataclasses import replace
+
+    fill = ProfileCostModel(profile_path, SPEC, kv_policy="fill", include_schedule=False)
+    copy = fill.with_policy("copy_hidden")
+    for b, k in ((1, 0), (4, 1)):
+        work = decode_work(SPEC, b, 512, exit_k=k)
+        fresh, owing = replace(work, carried=np.zeros(1)), replace(work, carried=np.ones(1))
+        assert np.isclose(copy.iteration_time(fresh)[0], fill.iteration_time(work)[0], rtol=1e-12)
+        assert not np.isclose(copy.iteration_time(owing)[0], copy.iteration_time(fresh)[0], rtol=1e-3)
+        both = replace(decode_work(SPEC, b, 512, exit_k=k, steps=2), carried=np.array([0.0, 1.0]))
+        np.testing.assert_allclose(copy.iteration_time(both), [copy.iteration_time(fresh)[0],
+                                                               copy.iteration_time(owing)[0]], rtol=1e-12)

@@ -1,12 +1,13 @@
 """The graphed decode path: a plan of one-token decode rows, stretch by stretch through CUDA graphs.
 
-Covers the plans ``GPUExecutor._graphed_decode_ok`` admits (every row a decode step; exits settled by
-fill or kept for recompute, nothing else owed): ``batch.MetaStager`` ships the rows' metadata in one copy and
+Covers the plans ``GPUExecutor._graphed_decode_ok`` admits (every row a decode step; nothing owed
+when the iteration starts, but fill's): ``batch.MetaStager`` ships the rows' metadata in one copy and
 ``segments.SegmentGraphs`` runs each stretch between exits checked (the whole depth when none is) as
 one CUDA graph with the exit's head and confidence, or the final head, inside. After each check the
 host reads the confidences (a few bytes), the rule decides, and the batch shrinks by the rows that
-left; their owed K/V is filled in one ``fused_fill`` launch at the end (fill), or their exit states are
-kept in the hidden pool for their own next pass (recompute).
+left; ``_settle_exits`` then does what the KV policy asks of them in one ``fused_fill`` launch (fill: every
+layer skipped; copy_hidden: the layers the rest of the batch ran) and keeps the exit states of what is
+still owed in the hidden pool (copy_hidden past the pass's reach, recompute).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
     graphs = ex._segment_graphs
 
     active = np.arange(B)
+    reach = spec.num_layers  # deepest layer any row of this pass runs
     meta = ex._stager.stage(ids, pos, slots, blocks)
     fill_h: list[Tensor] = []
     fill_rows: list[np.ndarray] = []  # rows that left, per exit
@@ -81,25 +83,39 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         fill_layer.append(hi)
         keep = np.flatnonzero(~leaving[active])
         if not len(keep):
+            reach = hi  # the pass ends here: no row runs deeper
             break
         x_keep = out.x[torch.as_tensor(keep, device=dev)]
         active = active[keep]
         meta = ex._stager.stage(ids[active], pos[active], slots[active], [blocks[b] for b in active])
         graphs.set_x(x_keep, meta)
 
-    if fill_h and ex.policy.settle == "own_pass":  # recompute: the exit state, for the owed layers' own pass
-        rows = np.concatenate(fill_rows)
-        (slot_t,) = ex._pinned.stage(slots[rows].astype(np.int32))
-        ex.hidden_pool[slot_t.long()] = torch.cat(fill_h)
-    elif fill_h:  # fill: owed K/V of the rows that left, every layer they skipped: one launch
-        rows = np.concatenate(fill_rows)
-        layer = np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)])
-        layer_t, pos_t, slot_t = ex._pinned.stage(layer.astype(np.int32), pos[rows].astype(np.int32),
-                                                  slots[rows].astype(np.int32))
-        w = ex.weights
-        fused_fill(torch.cat(fill_h), layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, ex.eps,
-                   ex.cos, ex.sin, ex.k_cache, ex.v_cache, backend=ex.backend)
+    if fill_h:
+        _settle_exits(ex, torch.cat(fill_h), np.concatenate(fill_rows),
+                      np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)]), pos, slots, reach)
     if pending:
         rows = np.concatenate([r for r, _ in pending])
         tokens[rows] = torch.cat([t for _, t in pending]).cpu().numpy()
     return exit_index, forced, tokens
+
+
+def _settle_exits(ex, h: Tensor, rows: np.ndarray, layer: np.ndarray, pos: np.ndarray, slots: np.ndarray,
+                  reach: int) -> None:
+    """What the KV policy does with the rows that left (exit hidden states ``h``, exit layers ``layer``),
+    as the general path's owed entries would: fill projects their K/V for every layer they skipped;
+    copy_hidden (batch_pass) for the layers the rest of the batch ran in this pass (up to ``reach``), as
+    its entries ride along there; recompute (own_pass) runs nothing now. Whatever is still owed keeps its
+    exit state in the hidden pool, by KV slot, for a later pass."""
+    policy, L = ex.policy, ex.spec.num_layers
+    end = L if policy.settle == "iteration_end" else reach if policy.settle == "batch_pass" else 0
+    if end > int(layer.min()):  # one fused launch for every layer to project
+        layer_t, pos_t, slot_t = ex._pinned.stage(layer.astype(np.int32), pos[rows].astype(np.int32),
+                                                  slots[rows].astype(np.int32))
+        w = ex.weights
+        fused_fill(h, layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, ex.eps, ex.cos, ex.sin,
+                   ex.k_cache, ex.v_cache, end_layer=end, backend=ex.backend)
+    owed = np.maximum(layer, end) < L
+    if owed.any():
+        (slot_t,) = ex._pinned.stage(slots[rows[owed]].astype(np.int32))
+        ex.hidden_pool[slot_t.long()] = h[torch.as_tensor(np.flatnonzero(owed), device=h.device)] \
+            if not owed.all() else h

@@ -271,9 +271,9 @@ class GPUExecutor:
 
     # ---- the graphed decode path --------------------------------------------------------------------
     def _graphed_decode_ok(self, plan: IterationPlan) -> bool:
-        """Plans the graphed path covers: every row a one-token decode step; exits (if checked) settled by
-        fill at the end of the iteration or kept for recompute's own pass, or no exits; nothing owed (but
-        fill's); no kept logits."""
+        """Plans the graphed path covers: every row a one-token decode step; nothing owed when the iteration
+        starts (fill owes nothing across iterations); exits settled at its end (fill, copy_hidden) or kept
+        (recompute); no kept logits."""
         if not self.cuda_graphs or self.keep_logits or not len(plan.seqs) or (plan.num_new != 1).any():
             return False
         policy = self.policy
@@ -282,9 +282,12 @@ class GPUExecutor:
             return False
         if policy.settle == "iteration_end" and policy.work == "kv_projection":
             return True
-        # recompute with nothing owed: rows that leave keep their exit state for their own next pass (no
-        # owed entry rides along in this one, as copy_hidden's would)
-        return (not checks or policy.settle == "own_pass") and not any(len(o) for o in plan.owed)
+        if any(len(o) for o in plan.owed):
+            return False
+        # nothing owed yet: rows that leave are settled at the end (decode_path._settle_exits): copy_hidden's
+        # projection of the layers the batch ran after them, recompute's kept state; re-running owed rows in
+        # this very pass (full_layers settled by the batch or the iteration) needs the general path
+        return not checks or policy.work == "kv_projection" or policy.settle == "own_pass"
 
     @property
     def graph_captures(self) -> int:
