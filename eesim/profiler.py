@@ -58,7 +58,7 @@ class ProfileGrid:
     chunks: tuple[int, ...] = (16, 64, 256, 1024, 2048)
     prefill_contexts: tuple[int, ...] = (0, 512, 2048)
     mixed_batches: tuple[int, ...] = (1, 8, 32, 128)
-    mixed_chunks: tuple[int, ...] = (64, 512, 2048)
+    mixed_chunks: tuple[int, ...] = (64, 256, 512, 2048)  # 256: short chunks cost about what 64 do (see cost_model_accuracy.md)
     mixed_context: int = 512
     check_context: int = 512
     owed_rows: tuple[int, ...] = (1, 8, 32, 128)
