@@ -12,7 +12,8 @@ Components (coordinates in brackets; policy fill unless said; every decode row m
              the L - e skipped layers. (The cost model takes the checks and the fill back out.)
   check      [batch, context, checks]  S - 1 exits checked, nobody leaves (head, measure, host sync each);
              its difference to decode at layers = L is the cost of the checks
-  check_eager  the same under copy_hidden (the executor's general path, as every non-fill policy takes)
+  check_eager  the same on the executor's general path (what copy_hidden and recompute run for a step that
+               starts owing K/V)
   fill       [layers skipped, batch rows]  one ``fused_fill`` launch as the executor issues it
   prefill    [tokens, context]  one prompt chunk of ``tokens`` after ``context`` cached positions, full rule
   mixed      [batch, tokens, checks]  ``batch`` decode rows at ``mixed_context`` plus a chunk of ``tokens``
@@ -316,7 +317,12 @@ class Profiler:
                 ex.configure(spec, NeverExit(), want[1], "max_prob", 0.9, "model", None)
                 setting = want
             _, plan = self.state([ctx] * batch)
-            times, work = self.time_plan(plan)
+            # eager: the general path, which copy_hidden and recompute take for a step that starts owing K/V
+            ex.graphed_decode = comp == "check"
+            try:
+                times, work = self.time_plan(plan)
+            finally:
+                ex.graphed_decode = True
             self.record(point, times, work)
             return setting
         if comp == "fill":

@@ -121,3 +121,23 @@ def test_malformed_refused(swept, tmp_path, breakage):
         bad.write_text("not a parquet file")
     with pytest.raises(EesimError):
         read_profile(bad)
+
+
+def test_check_points_time_their_own_path(monkeypatch):
+    """`check` times the graphed decode path, `check_eager` the general path (copy_hidden would otherwise take
+    the graphed one for a plan owing nothing), and the executor is left on its normal routing."""
+    import eesim.gpu.executor as executor_module
+
+    grid = GRIDS["tiny"]
+    spec, ex = build_executor(SPEC, None, "cpu", torch.float32, grid, 0, backend="torch", cuda_graphs=True)
+    prof = Profiler(spec, ex, grid, None, {"format": 1, "model": spec_to_meta(spec)}, progress=False)
+    paths = []
+    for name in ("run_decode", "run_general"):
+        real = getattr(executor_module, name)
+        monkeypatch.setattr(executor_module, name,
+                            lambda *a, _real=real, _name=name: (paths.append(_name), _real(*a))[1])
+    for comp in ("check", "check_eager"):
+        paths.clear()
+        prof.measure((comp, SPEC.num_layers, 2, grid.check_context, 0, SPEC.num_segments - 1), None)
+        assert set(paths) == {"run_decode" if comp == "check" else "run_general"}
+        assert ex.graphed_decode

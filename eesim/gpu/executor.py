@@ -132,6 +132,8 @@ class GPUExecutor:
         # cuda_graphs: pure-decode plans take the graphed path (segments.py; on CPU the same code runs
         # eagerly); other plans run eagerly, their pure-decode stretches as graphs on CUDA.
         self.cuda_graphs = cuda_graphs
+        # False: every plan takes the general path (the profiler times eager exit checks this way)
+        self.graphed_decode = True
         self._stager = MetaStager(self.device, block_size)
         self._pinned = PinnedStager(self.device)
         self._host_bufs: dict = {}  # pinned landing buffers of _to_host, per shape
@@ -274,7 +276,8 @@ class GPUExecutor:
         """Plans the graphed path covers: every row a one-token decode step; nothing owed when the iteration
         starts (fill owes nothing across iterations); exits settled at its end (fill, copy_hidden) or kept
         (recompute); no kept logits."""
-        if not self.cuda_graphs or self.keep_logits or not len(plan.seqs) or (plan.num_new != 1).any():
+        if not self.cuda_graphs or not self.graphed_decode or self.keep_logits or not len(plan.seqs) \
+                or (plan.num_new != 1).any():
             return False
         policy = self.policy
         checks = self.rule.checks_confidence and plan.can_exit.any()
