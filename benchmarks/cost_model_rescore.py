@@ -22,7 +22,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cost_model_accuracy import load_works  # noqa: E402
+from cost_model_accuracy import load_works, stats  # noqa: E402
 
 from eesim.model_spec import MODEL_PRESETS  # noqa: E402
 from eesim.profile_cost import ProfileCostModel  # noqa: E402
@@ -35,9 +35,7 @@ def report(name: str, table: pd.DataFrame, works, cost: ProfileCostModel, by: st
     groups = [("all", np.ones(len(error), dtype=bool))] + [
         (str(k), (table[by] == k).to_numpy()) for k in sorted(table[by].unique())]
     for label, mask in groups:
-        e = np.abs(error[mask])
-        print(f"{name} {label}: n={int(mask.sum())}, median {np.median(e) * 100:.2f}%, "
-              f"p95 {np.percentile(e, 95) * 100:.2f}%, mean signed {error[mask].mean() * 100:+.2f}%")
+        print(f"{name} {label}: {stats(error[mask])}")
 
 
 def main(argv: list[str] | None = None) -> int:

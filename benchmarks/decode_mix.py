@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from eesim.kernels import paged_attention
 
     spec = MODEL_PRESETS[args.model]
-    grid = GRIDS["default"]
+    grid = replace(GRIDS["default"], warmup=3, repeats=args.repeats)
     spec, ex = build_executor(spec, None, "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, grid,
                               headroom_gb=8.0)
     prof = Profiler(spec, ex, grid, None, {}, progress=False)
@@ -96,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     for layout in args.layouts.split(","):
                         _, plan = prof.state(ctx)
                         place(plan.seqs, layout, ex.num_blocks, rng)
-                        times = []
-                        for i in range(3 + args.repeats):
-                            out = ex.execute(plan)
-                            if i >= 3:
-                                times.append(float(out.elapsed[0]))
+                        times, _ = prof.time_plan(plan)
                         ms = 1e3 * float(np.median(times))
                         base = base or ms
                         print(f"| {balance} | {b} | {c} | {kind} | {layout} | {max(ctx)} | {ms:.3f} | "

@@ -45,7 +45,7 @@ def _work(S, full, attn, kv, proj=None, rec=None, chk=None, logit=None, reach=No
     row = lambda v: np.asarray(v, dtype=np.float64).reshape(1, S) if v is not None else np.zeros((1, S))
     chk_a = row(chk)
     return IterationWork(row(full), row(attn), row(kv), row(proj), row(rec), chk_a, row(logit),
-                         (chk_a > 0).sum(axis=1), np.array([S - 1 if reach is None else reach]))
+                         (chk_a > 0).sum(axis=1), np.array([S - 1 if reach is None else reach]), np.zeros(1))
 
 
 def synthetic_profile_frame(model, hardware, grid=None) -> tuple[pd.DataFrame, dict]:

@@ -43,3 +43,12 @@ class KVPolicy:
     def keeps_hidden_state(self) -> bool:
         """Owed positions wait with their exit hidden state in a buffer (memory the policy costs)."""
         return self.settle != "iteration_end"
+
+    @property
+    def settles_exits_after_the_pass(self) -> bool:
+        """What this pass's exits owe can be settled once the pass is over: projected then (kv_projection, up to
+        the depth the policy asks) or left for the row's own next pass (own_pass). Not so for full_layers
+        settled by the batch or the iteration, whose owed rows run as extra rows through the pass itself.
+        (The GPU executor runs a decode step owing nothing on its graphed path for such policies; the
+        profile-backed cost model prices those steps so.)"""
+        return self.work == "kv_projection" or self.settle == "own_pass"

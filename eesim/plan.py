@@ -43,10 +43,6 @@ class IterationPlan:
         return int(self.can_exit.sum())
 
 
-def _rows(values: np.ndarray | None, lo: int, hi: int) -> np.ndarray | None:
-    return None if values is None else values[lo:hi]
-
-
 @dataclass(slots=True)
 class IterationWork:
     """What ran, per segment of layers between exits (S segments) and per exit (S exits).
@@ -65,12 +61,12 @@ class IterationWork:
     syncs: np.ndarray  # (T,) host synchronisations for exit decisions
     batch_reach: np.ndarray  # (T,) index of the deepest exit any row reached
     # (T,) owed (position, depth) entries the step started with: with none, the GPU executor runs a decode
-    # step of copy_hidden or recompute on its graphed path (None: not recorded, taken as none)
-    carried: np.ndarray | None = None
+    # step of copy_hidden or recompute on its graphed path
+    carried: np.ndarray
 
     def step(self, t: int) -> "IterationWork":
         """The work of step t alone, as a one-step record."""
-        return IterationWork(*(_rows(getattr(self, name), t, t + 1) for name in self.__slots__))
+        return IterationWork(*(getattr(self, name)[t:t + 1] for name in self.__slots__))
 
 
 @dataclass(slots=True)
@@ -88,6 +84,6 @@ class IterationOutcome:
 
     def head(self, steps: int) -> "IterationOutcome":
         """The first ``steps`` steps (the simulator cuts a run short when a request arrives)."""
-        work = IterationWork(*(_rows(getattr(self.work, name), 0, steps) for name in IterationWork.__slots__))
+        work = IterationWork(*(getattr(self.work, name)[:steps] for name in IterationWork.__slots__))
         return IterationOutcome(self.elapsed[:steps], self.exit_index[:steps], self.forced[:steps],
                                 self.agrees[:steps], self.tokens[:steps], work)

@@ -401,7 +401,7 @@ class ProfileCostModel:
                      f"({profile.meta.get('gpu') or 'unknown GPU'})"
         self.include_schedule = include_schedule
         self.chunk_padding = profile.meta.get("chunk_padding")  # how the profiled executor padded prompt chunks
-        self.decode_padding = profile.meta.get("decode_padding")  # ... and decode batches
+        decode_padding = profile.meta.get("decode_padding")  # ... and decode batches
         meta = profile.meta
         frame = profile.frame
         L, S = model.num_layers, model.num_segments
@@ -451,7 +451,7 @@ class ProfileCostModel:
             return _grid(sub, [col], roof_batch) if len(sub) else None
 
         self.g_sched = one_d("schedule")
-        self.g_book = one_d("bookkeeping")  # profiles from before 2026-11-22 evening have none: 0
+        g_book = one_d("bookkeeping")  # profiles from before 2026-11-22 evening have none: 0
         chk = frame[frame["component"] == "check"]
         chk_e = frame[frame["component"] == "check_eager"]
         self.g_fill = _grid(frame[frame["component"] == "fill"], ["layers", "batch"], roof_fill) \
@@ -495,9 +495,9 @@ class ProfileCostModel:
         # dec(layers, B, c), the checks and the fill each decode measurement included already taken out
         lay = np.asarray(self.bounds[1:], dtype=np.float64)
         raw, flag = self.g_decode.on_mesh(lay, rows[1:], nodes)
-        if self.decode_padding:  # a batch ran at its padded size: price that many rows at the same KV bytes (a
+        if decode_padding:  # a batch ran at its padded size: price that many rows at the same KV bytes (a
             real = rows[1:]  # padding row attends one key), the context clamped to the grid's least
-            padded = padded_rows(real, self.decode_padding)
+            padded = padded_tokens(real, decode_padding)
             moved = padded != real
             if moved.any():
                 r, p = real[moved], padded[moved]
@@ -526,8 +526,8 @@ class ProfileCostModel:
             self.sched_tab = self.g_sched(np.maximum(rows, 1))[0]
         else:
             self.sched_tab = np.zeros(Dmax + 1)
-        if self.g_book is not None:  # the serving loop's host work after the GPU rides with the schedule's
-            self.sched_tab = self.sched_tab + self.g_book(np.maximum(rows, 1))[0]
+        if g_book is not None:  # the serving loop's host work after the GPU rides with the schedule's
+            self.sched_tab = self.sched_tab + g_book(np.maximum(rows, 1))[0]
         self._segs = np.arange(S)
         # ---- for the vectorised evaluation ----
         # decode: the table with a node at 0 and one far beyond the last (copies of the end nodes: linear
@@ -682,13 +682,12 @@ class ProfileCostModel:
         chunks = np.count_nonzero(chunk)
         graphed = None  # (T,) steps of a policy that carries debts, run on the graphed decode path
         if not self.fill_like and self.graphs_fresh:
-            carried = work.carried
-            graphed = ~chunk if carried is None else (carried == 0) & ~chunk
+            graphed = (work.carried == 0) & ~chunk
             if not graphed.any():
                 graphed = None
         # copy_hidden's rows projected on the graphed path: one fused projection at the end, priced as fill
         proj_fill = proj if self.fill_like else (proj * graphed[:, None] if graphed is not None and has_proj
-                                                 and self.policy.work == "kv_projection" else None)
+                                                 and self.graphed_projection else None)
         if proj_fill is not None and proj_fill is not proj:
             proj = proj - proj_fill
             has_proj = np.count_nonzero(proj) > 0
@@ -924,9 +923,8 @@ class ProfileCostModel:
         excess = work.attn_context.item(0) - R[0]
         chunk = excess > 0.5
         # a step of a policy that carries debts, with none carried in and no prompt chunk: the graphed path
-        graphed = not self.fill_like and self.graphs_fresh and not chunk and (
-            work.carried is None or work.carried.item(0) == 0)
-        fill_proj = has_proj and (self.fill_like or (graphed and self.policy.work == "kv_projection"))
+        graphed = not self.fill_like and self.graphs_fresh and not chunk and work.carried.item(0) == 0
+        fill_proj = has_proj and (self.fill_like or (graphed and self.graphed_projection))
         special = chunk or has_rec or (has_proj and not fill_proj)
         chk = work.check_rows[0].tolist()
         all_chunks = special and self.g_prefill is not None and chunk
@@ -991,7 +989,7 @@ class ProfileCostModel:
         gid = self._gid
         look = self._look1
         flags = []  # (component, extrapolated), in _special's group order
-        for name, rows, on in (("recompute", rec, has_rec), ("proj", proj, has_proj and not self.fill_like)):
+        for name, rows, on in (("recompute", rec, has_rec), ("proj", proj, has_proj)):
             if on and name in gid:
                 x0 = sum([w for r, w in zip(rows, self._s_seg_layers) if r > 0])  # integers: exact
                 parts[name], flag = look(gid[name], float(x0), float(max(rows)))
@@ -1092,8 +1090,10 @@ class ProfileCostModel:
         self.policy = kv_policy
         self.fill_like = kv_policy is None or (kv_policy.settle == "iteration_end" and kv_policy.work == "kv_projection")
         # copy_hidden, recompute: a decode step with nothing owed runs the graphed path (GPUExecutor.
-        # _graphed_decode_ok), its exits settled at the end of the pass (decode_path._settle_exits)
-        self.graphs_fresh = kv_policy is not None and (kv_policy.work == "kv_projection" or kv_policy.settle == "own_pass")
+        # _graphed_decode_ok), its exits settled at the end of the pass (decode_path._settle_exits); copy_hidden's
+        # projection then is one fused launch, priced as fill
+        self.graphs_fresh = kv_policy is not None and kv_policy.settles_exits_after_the_pass
+        self.graphed_projection = self.graphs_fresh and kv_policy.work == "kv_projection"
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing
@@ -1160,9 +1160,10 @@ def _chunk_table(rows: int) -> np.ndarray:
 
 
 def padded_tokens(n, rule: dict | None):
-    """Chunk tokens as the executor ran them: padded by ``rule`` (profile metadata ``chunk_padding``: a power
-    of two, at least ``min``, up to ``pow2_until``, then a multiple of ``step``; no ``step``: powers of two
-    throughout), or ``n`` itself without a rule (profiles of an unpadded executor)."""
+    """Chunk tokens (or decode rows) as the executor ran them: padded by ``rule`` (profile metadata
+    ``chunk_padding`` or ``decode_padding``: a power of two, at least ``min``, up to ``pow2_until``, then a
+    multiple of ``step``; no ``step``: powers of two throughout), or ``n`` itself without a rule (profiles of
+    an unpadded executor)."""
     if not rule:
         return n
     least, step, until = rule.get("min", 1), rule.get("step"), rule.get("pow2_until", np.inf)
@@ -1171,16 +1172,6 @@ def padded_tokens(n, rule: dict | None):
         return float(-(-k // step) * step if step and k > until else max(least, 1 << (k - 1).bit_length()))
     p2 = np.maximum(float(least), np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)))))
     return p2 if not step else np.where(n <= until, p2, np.ceil(n / step) * step)
-
-
-def padded_rows(n: np.ndarray, rule: dict | None) -> np.ndarray:
-    """Decode rows as the executor ran them: padded by ``rule`` (profile metadata ``decode_padding``: powers of
-    two up to ``pow2_until``, then multiples of ``step``), or ``n`` itself without a rule."""
-    if not rule:
-        return n
-    n = np.asarray(n, dtype=np.float64)
-    p2 = np.exp2(np.ceil(np.log2(np.maximum(n, 1.0))))
-    return np.where(n <= rule["pow2_until"], p2, np.ceil(n / rule["step"]) * rule["step"])
 
 
 def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:

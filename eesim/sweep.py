@@ -463,14 +463,11 @@ def _goodput_task(task: dict) -> dict:
                                                                           "max_doublings"))
     evaluations = []
 
-    labels = []
-
     def run(scale: float):
         config, workload, _ = build_run(cell | {"rate_scale": scale})
         s = simulate(workload, config).summary
         rate = workload.num_requests / workload.duration if workload.duration > 0 else float("nan")
         evaluations.append(scale)
-        labels.append(s["cost_model"])
         return s, rate
 
     best = None
@@ -508,7 +505,7 @@ def _goodput_task(task: dict) -> dict:
         row |= {"max_rate_scale": scale, "max_rate_req_s": rate, "max_rate_per_replica": rate / cell["replicas"]}
         for k in ("throughput_tok_s", "ttft_p90", "itl_p99", "quality", "mean_layers"):
             row[k] = float(s[k])
-    row["cost_model_label"] = labels[0]
+    row["cost_model_label"] = s["cost_model"]  # every run of the search has the same cost model
     row["objectives"] = json.dumps(objectives, sort_keys=True)
     return row
 

@@ -47,8 +47,7 @@ class WorkCounter:
         self._exact = np.eye(model.num_segments) - np.eye(model.num_segments, k=-1)
         self._zeros = np.zeros((1, model.num_segments))
         self._zeros.flags.writeable = False  # shared by one-step records that owe nothing
-        self._none = np.zeros(1)
-        self._none.flags.writeable = False
+        self._no_debt = self._zeros[:, 0]
 
     def count(self, plan: IterationPlan, exit_index: np.ndarray) -> IterationWork:
         """Work of each of the plan's steps, given the exit index of every row in every step (T, B)."""
@@ -70,6 +69,7 @@ class WorkCounter:
         full_rows, attn, kv_read, checked, emitted, decode_context = sums.transpose(1, 0, 2)
         batch_reach = exit_index.max(axis=1)
         owed_rows = owed_context = self._zeros if steps == 1 else np.zeros((steps, segs))
+        carried = self._no_debt if steps == 1 else np.zeros(steps)  # owed entries the step started with
         if self.policy.settle == "iteration_end":
             # Nothing is owed across iterations: this pass settles its own early exits. A decode row
             # that exited at exit k is owed every segment after k, i.e. every segment it did not reach.
@@ -77,10 +77,12 @@ class WorkCounter:
             owed_rows = checked[:, :1] - checked
             if self.policy.work == "full_layers":
                 owed_context = decode_context[:, :1] - decode_context
-        elif any(plan.owed) or ((exit_index < segs - 1) & plan.can_exit).any():
+        elif (owes := any(plan.owed)) or ((exit_index < segs - 1) & plan.can_exit).any():
             assert steps == 1, "debts carried across iterations are counted one step at a time"
             owed_rows, owed_context = np.zeros((1, segs)), np.zeros((1, segs))
             self._count_settlement(plan, exit_index[0], int(batch_reach[0]), owed_rows[0], owed_context[0])
+            if owes:
+                carried = np.array([float(sum(len(o) for o in plan.owed))])
         check_rows = checked if self.checks else checked * 0.0
         check_rows[:, -1] = 0.0  # the last layer is not a check: every row still running stops there
         logit_rows = emitted @ self._exact  # rows emitting at exactly that exit
@@ -93,9 +95,6 @@ class WorkCounter:
         else:
             proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
         syncs = (check_rows > 0).sum(axis=1)
-        carried = self._none if steps == 1 else np.zeros(steps)
-        if self.policy.settle != "iteration_end" and steps == 1 and any(plan.owed):
-            carried = np.array([float(sum(len(o) for o in plan.owed))])
         return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach,
                              carried)
 

@@ -83,7 +83,7 @@ def decode_work(spec, batch, ctx, exit_k=None, steps=1):
     logit = chk.copy()
     logit[:, reach] = batch
     return IterationWork(full, kv.copy(), kv, proj, z.copy(), chk, logit, (chk > 0).sum(axis=1),
-                         np.full(steps, reach))
+                         np.full(steps, reach), np.zeros(steps))
 
 
 def test_exact_on_grid_points(profile_path):
@@ -112,7 +112,7 @@ def prefill_work(spec, n, p, d=0, ctx=512):
     kv = np.full((1, S), (p + n) * -(-n // 128) + d * ctx)
     z = np.zeros((1, S))
     return IterationWork(full, attn, kv, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros(1, dtype=int),
-                         np.array([S - 1]))
+                         np.array([S - 1]), np.zeros(1))
 
 
 def test_prefill_and_mixed_on_grid(profile_path):
@@ -250,8 +250,7 @@ def _mixed_record(rng, spec, steps):
         if kind == 3:
             w.recompute_rows[:, k + 1:] = rng.integers(1, 40)
         recs.append(w)
-    return IterationWork(*(None if getattr(recs[0], f) is None else np.concatenate([getattr(r, f) for r in recs])
-                           for f in IterationWork.__slots__))
+    return IterationWork(*(np.concatenate([getattr(r, f) for r in recs]) for f in IterationWork.__slots__))
 
 
 @pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
@@ -412,18 +411,16 @@ def test_chunks_priced_at_their_padded_size(profile_path, tmp_path):
         assert np.isclose(pad.iteration_time(prefill_work(SPEC, n, 0))[0],
                           plain.iteration_time(prefill_work(SPEC, bucket, 0))[0], rtol=1e-12)
     two = prefill_work(SPEC, 300, 0)
-    both = IterationWork(*(None if getattr(two, f) is None else np.concatenate([getattr(two, f)] * 2)
-                           for f in IterationWork.__slots__))
+    both = IterationWork(*(np.concatenate([getattr(two, f)] * 2) for f in IterationWork.__slots__))
     np.testing.assert_allclose(pad.iteration_time(both), [pad.iteration_time(two)[0]] * 2, rtol=1e-12)
 
 
 def test_padded_rows_rule():
     from eesim.gpu.batch import DECODE_PADDING, row_bucket
-    from eesim.profile_cost import padded_rows
+    from eesim.profile_cost import padded_tokens
 
     n = np.arange(1, 300)
-    assert padded_rows(n, None) is n
-    np.testing.assert_array_equal(padded_rows(n, DECODE_PADDING), [row_bucket(int(x)) for x in n])
+    np.testing.assert_array_equal(padded_tokens(n, DECODE_PADDING), [row_bucket(int(x)) for x in n])
     assert [row_bucket(x) for x in (1, 3, 5, 8, 9, 17, 64)] == [1, 4, 8, 8, 16, 24, 64]
 
 

@@ -57,7 +57,7 @@ class DecodeMeta:
 class MetaStager:
     def __init__(self, device: torch.device, block_size: int) -> None:
         self.device, self.block_size = device, block_size
-        self._bufs: dict[tuple[int, int], list] = {}  # (rows, width) -> [pinned host, device, copy's event]
+        self._bufs: dict[tuple[int, int], tuple] = {}  # (rows, width) -> (pinned host, device, copy's event)
 
     def stage(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, blocks: list,
               width: int | None = None) -> DecodeMeta:
@@ -73,10 +73,10 @@ class MetaStager:
             cuda = self.device.type == "cuda"
             host = torch.empty(n * (4 + width), dtype=torch.int32, pin_memory=cuda)
             dev = torch.empty_like(host, device=self.device) if cuda else host
-            self._bufs[key] = [host, dev, None]
+            self._bufs[key] = (host, dev, torch.cuda.Event() if cuda else None)
         host, dev, copied = self._bufs[key]
         if copied is not None:  # padded rows: a shrinking batch can come back to a shape staged this iteration
-            copied.synchronize()
+            copied.synchronize()  # (returns at once before the first record)
         h = host.numpy()
         h[:4 * n] = 0
         h[:rows], h[n:n + rows], h[2 * n:2 * n + rows], h[3 * n:3 * n + rows] = ids, positions, slots, positions + 1
@@ -88,8 +88,7 @@ class MetaStager:
             bt[i, :k] = row_blocks[:k]
         if dev is not host:
             dev.copy_(host, non_blocking=True)
-            self._bufs[key][2] = torch.cuda.Event()
-            self._bufs[key][2].record()
+            copied.record()
         return DecodeMeta(dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n], dev[4 * n:].view(n, width), rows)
 
 
@@ -141,6 +140,8 @@ class PinnedStager:
             host = torch.empty(cap, dtype=torch.int32, pin_memory=self.cuda)
             dev = torch.empty_like(host, device=self.device) if self.cuda else None
             slot[0], slot[1] = host, dev
+            if self.cuda and event is None:
+                event = slot[2] = torch.cuda.Event()
         h = host.numpy()
         off = 0
         for a, n in zip(arrays, sizes):
@@ -148,8 +149,7 @@ class PinnedStager:
             off += n
         if self.cuda:
             dev[:total].copy_(host[:total], non_blocking=True)
-            slot[2] = torch.cuda.Event()
-            slot[2].record()
+            event.record()
             src = dev
         else:
             src = host[:total].clone()  # the CPU path reads its own copy: the ring buffer is reused

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eesim.kernels import fused_fill
 from eesim.plan import IterationPlan
 
 
@@ -109,11 +108,7 @@ def _settle_exits(ex, h: Tensor, rows: np.ndarray, layer: np.ndarray, pos: np.nd
     policy, L = ex.policy, ex.spec.num_layers
     end = L if policy.settle == "iteration_end" else reach if policy.settle == "batch_pass" else 0
     if end > int(layer.min()):  # one fused launch for every layer to project
-        layer_t, pos_t, slot_t = ex._pinned.stage(layer.astype(np.int32), pos[rows].astype(np.int32),
-                                                  slots[rows].astype(np.int32))
-        w = ex.weights
-        fused_fill(h, layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, ex.eps, ex.cos, ex.sin,
-                   ex.k_cache, ex.v_cache, end_layer=end, backend=ex.backend)
+        ex.project_kv(h, layer, pos[rows], slots[rows], end)
     owed = np.maximum(layer, end) < L
     if owed.any():
         (slot_t,) = ex._pinned.stage(slots[rows[owed]].astype(np.int32))

@@ -8,11 +8,11 @@ It implements ``eesim.executor.Executor`` and is driven by the same ``Scheduler`
 
 One iteration (``plan.steps`` is always 1 here) takes one of two paths:
 
-- decode_path.py (``cuda_graphs=True`` and a plan of one-token decode rows whose exits, if checked, are
-  settled by fill, or with no exits and nothing owed): each stretch between exits checked runs as one
-  CUDA graph with the exit's head and confidence inside (segments.py);
-- general_path.py (anything else: prefill chunks beside decode rows, copy_hidden's projections,
-  recompute's extra rows, kept logits): a layer loop over one flat token batch, decode rows through the
+- decode_path.py (``cuda_graphs=True`` and a plan of one-token decode rows that starts owing no K/V, but
+  fill's; see ``_graphed_decode_ok``): each stretch between exits checked runs as one CUDA graph with the
+  exit's head and confidence inside (segments.py), and the exits are settled after the last one;
+- general_path.py (anything else: prefill chunks beside decode rows, copy_hidden's projections and
+  recompute's extra rows of K/V owed from earlier steps, kept logits): a layer loop over one flat token batch, decode rows through the
   paged decode kernel and every prefill chunk (and recompute's rows) of a layer through one paged
   prefill launch. With ``cuda_graphs`` each stretch runs as a CUDA graph: over a padded batch
   (mixed_graphs.py) when rows beside the decode rows or projected entries are present, else as a decode
@@ -51,6 +51,7 @@ from torch import Tensor
 from eesim.kernels import (
     SKINNY_MAX_ROWS,
     apply_rotary,
+    fused_fill,
     max_prob_argmax,
     paged_decode_attention,
     paged_prefill_attention,
@@ -85,8 +86,9 @@ MODES = ("model", "replay")
 LOGIT_COLUMNS = ("max_prob", "margin", "entropy", "classifier", "agrees")
 
 
-def synthetic_token(seq_id: int, position: int, vocab_size: int) -> int:
-    """Prompt token of a request without real token ids (deterministic, spread over the vocabulary)."""
+def synthetic_token(seq_id: int, position, vocab_size: int):
+    """Prompt token of a request without real token ids (deterministic, spread over the vocabulary); ``position``
+    an int or an array of them."""
     return (seq_id * 1_000_003 + position * 7_919 + 12_345) % vocab_size
 
 
@@ -129,8 +131,8 @@ class GPUExecutor:
         self._ensure_hidden_pool()
         self.cos, self.sin = rotary_tables(spec.max_context, hd, spec.rope_theta, torch.float32, self.device)
         self.eps = spec.norm_eps
-        # cuda_graphs: pure-decode plans take the graphed path (segments.py; on CPU the same code runs
-        # eagerly); other plans run eagerly, their pure-decode stretches as graphs on CUDA.
+        # cuda_graphs: pure-decode plans take the graphed path (decode_path.py; on CPU the same code runs
+        # eagerly); other plans take the general path, its stretches as padded graphs on CUDA.
         self.cuda_graphs = cuda_graphs
         # False: every plan takes the general path (the profiler times eager exit checks this way)
         self.graphed_decode = True
@@ -213,13 +215,12 @@ class GPUExecutor:
         out = np.empty(len(positions), dtype=np.int64)
         in_prompt = positions < req.prompt_len
         p = positions[in_prompt]
-        if req.prompt_tokens is not None:
-            out[in_prompt] = np.asarray(req.prompt_tokens, dtype=np.int64)[p]
-        else:
-            out[in_prompt] = (req.request_id * 1_000_003 + p * 7_919 + 12_345) % vocab
+        if len(p):
+            out[in_prompt] = np.asarray(req.prompt_tokens, dtype=np.int64)[p] if req.prompt_tokens is not None \
+                else synthetic_token(req.request_id, p, vocab)
         generated = positions[~in_prompt] - req.prompt_len
-        if len(generated):
-            out[~in_prompt] = np.asarray(seq.output_tokens, dtype=np.int64)[generated] % vocab
+        if len(generated):  # (a decode row: one token, read from the list without converting it)
+            out[~in_prompt] = [seq.output_tokens[g] % vocab for g in generated.tolist()]
         return out
 
     def slots_of(self, seq: Sequence, positions: np.ndarray) -> np.ndarray:
@@ -287,10 +288,19 @@ class GPUExecutor:
             return True
         if any(len(o) for o in plan.owed):
             return False
-        # nothing owed yet: rows that leave are settled at the end (decode_path._settle_exits): copy_hidden's
-        # projection of the layers the batch ran after them, recompute's kept state; re-running owed rows in
-        # this very pass (full_layers settled by the batch or the iteration) needs the general path
-        return not checks or policy.work == "kv_projection" or policy.settle == "own_pass"
+        # nothing owed yet: rows that leave are settled at the end (decode_path._settle_exits)
+        return not checks or policy.settles_exits_after_the_pass
+
+    def project_kv(self, h: Tensor, layer: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                   end_layer: int | None = None) -> None:
+        """K/V of rows that left at ``layer`` (exit hidden states ``h``), projected into the cache for layers
+        ``layer .. end_layer - 1`` (default: every skipped layer): one ``fused_fill`` launch, its indices in one
+        pinned copy. Fill's settlement, and copy_hidden's on the graphed decode path."""
+        layer_t, pos_t, slot_t = self._pinned.stage(layer.astype(np.int32), positions.astype(np.int32),
+                                                    slots.astype(np.int32))
+        w = self.weights
+        fused_fill(h, layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, self.eps, self.cos, self.sin,
+                   self.k_cache, self.v_cache, end_layer=end_layer, backend=self.backend)
 
     @property
     def graph_captures(self) -> int:

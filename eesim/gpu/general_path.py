@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from eesim.gpu.batch import LayerMeta
-from eesim.kernels import fused_fill
 from eesim.plan import IterationPlan
 
 
@@ -119,7 +118,7 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
     fills: list[tuple[Tensor, int, np.ndarray, np.ndarray]] = []  # (exit hidden, exit layer, positions, slots)
 
     active = paged.copy()  # decode rows still running, in batch order
-    pos_active, slot_active = positions[:P0], slots[:P0]
+    ids_active, pos_active, slot_active = ids[:P0], positions[:P0], slots[:P0]
     row_active = np.ones(B, dtype=bool)
     can_exit = plan.can_exit.astype(bool)
     checks = ex.rule.checks_confidence and bool(can_exit.any())
@@ -168,7 +167,7 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
                 mixed = ex._mixed_graphs.prepare(arrays)
                 full_t, proj_t = (t.long() for t in stager.stage(new_full.astype(np.int32), proj.astype(np.int32)))
             else:  # decode rows alone
-                decode_meta = ex._stager.stage(ids[active], pos_active, slot_active, [blocks[b] for b in active])
+                decode_meta = ex._stager.stage(ids_active, pos_active, slot_active, [blocks[b] for b in active])
                 full_t = proj_t = None
             x = x[:base]
             if len(new_full):
@@ -240,7 +239,7 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
         x = x[:base][keep_t]
         if prev is not None:
             prev = prev[keep_t[: len(keep)]]
-        active, pos_active, slot_active = active[keep], pos_active[keep], slot_active[keep]
+        active, ids_active, pos_active, slot_active = active[keep], ids_active[keep], pos_active[keep], slot_active[keep]
 
     # ---- rows that ran to the last layer: final head for those that emit ----
     emit_local = np.flatnonzero(plan.emits[active])
@@ -257,14 +256,8 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
 
     # ---- owed K/V settled at the end of the iteration, or kept for later passes ----
     if fills:
-        w = ex.weights
-        layer = np.concatenate([np.full(len(p), e) for _, e, p, _ in fills])
-        f_pos = np.concatenate([p for _, _, p, _ in fills])
-        f_slot = np.concatenate([s for _, _, _, s in fills])
-        layer_t, pos_t, slot_t = stager.stage(layer.astype(np.int32), f_pos.astype(np.int32),
-                                              f_slot.astype(np.int32))
-        fused_fill(torch.cat([h for h, _, _, _ in fills]), layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv,
-                   ex.eps, ex.cos, ex.sin, ex.k_cache, ex.v_cache, backend=ex.backend)
+        ex.project_kv(torch.cat([h for h, _, _, _ in fills]), np.concatenate([np.full(len(p), e) for _, e, p, _ in fills]),
+                      np.concatenate([p for _, _, p, _ in fills]), np.concatenate([s for _, _, _, s in fills]))
     if len(owed) and ex.hidden_pool is not None:
         keep_state = np.flatnonzero(owed.depth < L)
         if len(keep_state):

@@ -56,7 +56,7 @@ class _Shape:
         self.cuda = ex.device.type == "cuda"
         self.host = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
         self.dev = torch.empty(total, dtype=torch.int32, device=ex.device)
-        self.event: torch.cuda.Event | None = None
+        self.event = torch.cuda.Event() if self.cuda else None  # recorded after each copy out of ``host``
         parts, off = [], 0
         for size in self.sizes:
             parts.append(self.dev[off:off + size])
@@ -71,7 +71,7 @@ class _Shape:
     def stage(self, a: dict) -> None:
         """Write this iteration's metadata (real rows from ``a``, padding as the module says) and ship it."""
         if self.event is not None:
-            self.event.synchronize()  # the previous copy out of the host buffer has finished
+            self.event.synchronize()  # the previous copy out of the host buffer has finished (at once before any)
         P, T, C, wd, wc, M = self.P, self.T, self.C, self.wd, self.wc, self.M
         p, t, c, m = a["num_paged"], a["num_chunk_rows"], len(a["cu"]) - 1, len(a["proj"])
         pos = np.zeros(P + T, dtype=np.int32)
@@ -96,7 +96,6 @@ class _Shape:
             off += size
         self.dev.copy_(self.host, non_blocking=self.cuda)
         if self.cuda:
-            self.event = torch.cuda.Event()
             self.event.record()
 
 
@@ -110,10 +109,6 @@ class MixedGraphs:
         # Block tables as wide as the longest context: one width, so fewer shapes to capture (the
         # attention kernels size their work by the rows' own contexts).
         self.width = -(-executor.spec.max_context // executor.block_size)
-
-    def reset(self) -> None:
-        self._graphs.clear()
-        self._pool = None
 
     def prepare(self, a: dict) -> _Shape:
         """The padded shape for metadata arrays ``a`` (from general_path), with the metadata staged."""

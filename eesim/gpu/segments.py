@@ -106,7 +106,6 @@ class SegmentGraphs:
 
     def ensure(self, lo: int, hi: int, meta: DecodeMeta, tail) -> tuple:
         """The graph of this stretch and shape (CUDA), captured now if it is new; (graph, its outputs)."""
-        ex = self.ex
         key = (lo, hi, meta.key, tail)
         entry = self._graphs.get(key)
         if entry is None:
