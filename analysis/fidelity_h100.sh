@@ -6,7 +6,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
-LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-2}
+LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}
 left() { echo $((585 - (SECONDS - S))); }
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1

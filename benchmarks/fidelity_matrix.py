@@ -2,8 +2,10 @@
 
 What ``eesim validate`` does for one configuration, over the whole matrix in one process (the 7B
 executor is built once and reconfigured; its weights and cache stay): for each load and each policy
-pair, serve the workload in real time on the executor (after one untimed pass), simulate the same
-workload with the profile-backed cost model (``--profile``, measured on the same machine), and record
+pair, serve the workload in real time on the executor (after validate's warm-up: the decode graphs
+captured up front, then untimed passes until one captures nothing), simulate the same workload with
+the profile-backed cost model (``--profile``, measured on the same machine; priced for each pair's KV
+policy), and record
 the simulator's error per metric. Replay mode at the llama2-7b shape, exits from the project's recorded
 trace (max_prob >= 0.9), the code-service workload (Azure-code-fitted lengths), Poisson arrivals.
 
@@ -32,7 +34,6 @@ from eesim.hardware import hardware_preset  # noqa: E402
 from eesim.model_spec import model_preset  # noqa: E402
 from eesim.policies import measure  # noqa: E402
 from eesim.policies.thresholds import parse_threshold  # noqa: E402
-from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
 from eesim.scheduler import SchedulerConfig  # noqa: E402
 from eesim.validate import validate  # noqa: E402
 from eesim.workload import load_workload  # noqa: E402
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default="", help="rule+kv,... (default: all ten)")
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--time-limit", type=float, default=540.0)
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="serve every load first, to capture graphs: 1 with full and all_confident + fill, 2 also "
-                         "with per_sequence + copy_hidden / recompute, 0 not at all")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="before the matrix, also serve every load untimed (on top of each run's own warm-up): "
+                         "1 with full and all_confident + fill, 2 also with per_sequence + copy_hidden / recompute")
     ap.add_argument("--out", default="eesim-out/fidelity")
     args = ap.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [(name, float(rate)) for name, rate in (x.split(":") for x in args.loads.split(","))]
     base = matrix_config(args.model, args.num_blocks)
     model, trace, meas = base.model, base.trace, base.measure
-    cost = ProfileCostModel(load_profile(args.profile), model)
+    base = replace(base, cost_model=args.profile)  # priced per KV policy (eesim.cost_choice fits it once)
     executor = build_executor(replace(base, exit_rule=pairs[0][0], kv_policy=pairs[0][1]), "replay", args.num_blocks)
     rows, runs, logs = [], [], []
     if args.warmup:  # capture the CUDA graphs of every load's batch shapes once, before any timed run
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             config = replace(base, exit_rule=rule, kv_policy=kv)
             executor.configure(model, rule, kv, meas, config.threshold, "replay", trace)
             t0 = time.perf_counter()
-            errors, measured, simulated = validate(workload, config, executor, cost)
+            errors, measured, simulated = validate(workload, config, executor)
             errors.insert(0, "policy", f"{rule}+{kv}")
             errors.insert(0, "load", f"{load} ({rate:g} req/s)")
             rows.append(errors)

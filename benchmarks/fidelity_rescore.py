@@ -21,9 +21,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fidelity_matrix import matrix_config  # noqa: E402
-from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
 from eesim.simulator import simulate  # noqa: E402
-from eesim.validate import METRICS  # noqa: E402
+from eesim.validate import error_table  # noqa: E402
 from eesim.workload import load_workload  # noqa: E402
 
 
@@ -39,23 +38,18 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = pd.read_csv(args.runs)
     measured = runs[runs.run == "measured"]
-    base = matrix_config(args.model, args.num_blocks)
+    base = replace(matrix_config(args.model, args.num_blocks), cost_model=args.profile)  # priced per KV policy
     model = base.model
-    cost = ProfileCostModel(load_profile(args.profile), model)
     rows = []
-    for r in measured.itertuples():
+    for r in measured.itertuples(index=False):
         rule, kv = r.policy.split("+")
         workload, _ = load_workload(f"poisson:rate={r.rate:g},duration={args.duration:g}", seed=0).clip(model.max_context)
         if workload.num_requests != r.requests:
             raise SystemExit(f"{r.load} {r.policy}: {workload.num_requests} requests, the matrix had {r.requests}")
-        sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv), cost.with_policy(kv)).summary
-        for label, (column, goal) in METRICS.items():
-            m, s = float(getattr(r, column)), float(sim[column])
-            err = s / m - 1
-            rows.append({"load": f"{r.load} ({r.rate:g} req/s)", "policy": r.policy, "metric": label, "measured": m,
-                         "simulated": s, "error": err, "goal": goal,
-                         "met": (abs(err) <= goal) if goal is not None else None})
-    table = pd.DataFrame(rows)
+        sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv)).summary
+        rows.append(error_table(r._asdict(), sim).assign(load=f"{r.load} ({r.rate:g} req/s)", policy=r.policy))
+    table = pd.concat(rows, ignore_index=True)[["load", "policy", "metric", "measured", "simulated", "error", "goal",
+                                                 "met"]]
     goals = table.dropna(subset=["goal"])
     for (load, policy), g in goals.groupby(["load", "policy"], sort=False):
         print(f"{load:>16} {policy:<26} " + "  ".join(f"{x.metric.replace('inter-token latency', 'ITL')} "

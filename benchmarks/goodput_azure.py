@@ -87,18 +87,6 @@ def _setup(opts: tuple):
     return trace, model, source, workload, clipped
 
 
-@lru_cache(maxsize=8)
-def _cost_model(opts: tuple, kv: str):
-    o = dict(opts)
-    if o["cost_model"] == "analytical":
-        return None
-    from eesim.profile_cost import ProfileCostModel
-    from eesim.profile_data import read_profile
-
-    _, model, _, _, _ = _setup(opts)
-    return ProfileCostModel(read_profile(o["profile"]), model, kv_policy=kv)
-
-
 def simulate_at(opts: tuple, rule: str, kv: str, replicas: int, scale: float) -> dict:
     """One simulation of the window at ``scale`` times its rate; the summary's metrics and the wall time."""
     import eesim
@@ -108,19 +96,18 @@ def simulate_at(opts: tuple, rule: str, kv: str, replicas: int, scale: float) ->
 
     o = dict(opts)
     trace, model, _, workload, _ = _setup(opts)
-    cost = _cost_model(opts, kv)
-    if cost is not None:
-        cost.reset_counters()
+    # the cost model by name: eesim.cost_choice fits a profile once per file and gives each run its own counters
     config = SimConfig(model, eesim.HARDWARE_PRESETS["h100"], trace, rule, kv, measure=o["measure"],
                        threshold=o["threshold"], replicas=replicas, router=o["router"], seed=0, keep_work=0,
                        scheduler=SchedulerConfig(max_num_seqs=o["max_num_seqs"],
-                                                 max_num_batched_tokens=o["max_batched_tokens"]))
+                                                 max_num_batched_tokens=o["max_batched_tokens"]),
+                       cost_model="analytical" if o["cost_model"] == "analytical" else o["profile"])
     started = time.perf_counter()
-    result = simulate(workload.scale_rate(scale), config, cost)
+    result = simulate(workload.scale_rate(scale), config)
     s = result.summary
     row = {k: float(s[k]) for k in METRICS}
     row["iterations"] = int(s["iterations"])
-    row["extrapolated_steps"] = int(cost.extrapolated_steps) if cost is not None else 0
+    row["extrapolated_steps"] = int(getattr(result.cost_model, "extrapolated_steps", 0))
     row["wall_s"] = time.perf_counter() - started
     return row
 

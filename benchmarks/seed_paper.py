@@ -5,7 +5,8 @@ and KV fill. Here: a closed batch of B requests (all arriving at once, B sequenc
 iteration), each with a 512-token prompt and 128 generated tokens, served by the GPU executor in
 replay mode at the Llama-2-7B shape with exits replayed from the project's recorded trace (exits at
 layers 8/16/24 of 32), for every exit rule x KV policy; beside each, the simulator's prediction of the
-same run (analytical cost model). Quality is the share of tokens equal to full depth, from the trace
+same run (its default cost model, `--cost-model auto`: the bundled H100 profile for this shape; the table in
+docs/seed_paper.md predates that default and was priced analytically). Quality is the share of tokens equal to full depth, from the trace
 (exact-KV assumption; see docs/quality.md for what each KV policy really costs).
 
     PYTHONPATH=$PWD python benchmarks/seed_paper.py [--batches 1,2,4,8,16,32,64] [--tiny]

@@ -252,7 +252,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
     if args.with_simulation:
         from eesim.validate import error_table
 
-        errors = error_table(*rows.values())
+        errors = error_table(*(r.summary for r in rows.values()))
         print("simulator vs executor: " + ", ".join(f"{r.metric} {r.error:+.1%}" for r in errors.itertuples()))
     for note in notes:
         print(f"note: {note}")

@@ -32,11 +32,12 @@ METRICS = {
 }
 
 
-def error_table(measured: SimResult, simulated: SimResult) -> pd.DataFrame:
-    """One row per metric: measured, simulated, relative error of the simulator, goal, met."""
+def error_table(measured, simulated) -> pd.DataFrame:
+    """One row per metric: measured, simulated, relative error of the simulator, goal, met. Each side is a
+    run's summary (a ``SimResult.summary``, or a row of a saved runs table)."""
     rows = []
     for label, (column, goal) in METRICS.items():
-        m, s = float(measured.summary[column]), float(simulated.summary[column])
+        m, s = float(measured[column]), float(simulated[column])
         error = s / m - 1 if m else float("nan")
         rows.append({"metric": label, "measured": m, "simulated": s, "error": error, "goal": goal,
                      "met": (abs(error) <= goal) if goal is not None else None})
@@ -71,4 +72,4 @@ def validate(workload: Workload, config: SimConfig, executor, cost_model: CostMo
     measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)
-    return error_table(measured, simulated), measured, simulated
+    return error_table(measured.summary, simulated.summary), measured, simulated
