@@ -6,16 +6,18 @@
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
-LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}
+LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}; PROFILE_TIME=${PROFILE_TIME:-100}
 left() { echo $((585 - (SECONDS - S))); }
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1
-# PROFILE: a profile of this machine to use as it is (default: measure one now, at the preset's exits;
+# PROFILE: a profile of this machine to use as it is (default: measure one now, for at most $PROFILE_TIME s (the
+# sweep is resumable: a rerun with the same $OUT completes it), at the preset's exits;
 # the matrix prices the recorded trace's exits 8/16/24 through profile_cost.restrict_exits)
 PROFILE=${PROFILE:-}
 if [ -z "$PROFILE" ]; then
     PROFILE=$OUT/llama2-7b.parquet
-    timeout 140 python -m eesim.profiler --model llama2-7b --out "$PROFILE" --time-limit 100 --quiet >> "$L" 2>&1
+    timeout $((PROFILE_TIME + 40)) python -m eesim.profiler --model llama2-7b --out "$PROFILE" --time-limit "$PROFILE_TIME" \
+        --quiet >> "$L" 2>&1
     echo "== profiled at $((SECONDS - S)) s" >> "$L"
 fi
 R=$(left)

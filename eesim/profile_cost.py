@@ -15,7 +15,9 @@ iteration's work into the profiled components and adds them up:
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
   checks, else assuming the chunk starts a prompt) and priced from the prefill grid (tokens x
   context), plus what its decode rows add (mixed grid, decode rows x chunk tokens) and their checks;
-- proj / recompute (copy_hidden, recompute): owed rows x layers, the marginal over a full-depth step;
+- proj / recompute (copy_hidden, recompute): owed rows x layers, the marginal over the same step owing
+  nothing (a full-depth step with the general path's checks where the points ran them, ``checks`` > 0;
+  without checks in profiles from before that);
 - host time per iteration by batch size (``include_schedule``): ``Scheduler.schedule`` and, when the
   profile measured it, the serving loop's bookkeeping after the GPU (priced as part of ``schedule``).
 
@@ -87,12 +89,13 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     """``profile`` (measured at its model's exits) as if measured at ``model``'s exits, a subset of them.
 
     ProfileCostModel prices a model with exactly the profile's exits. Measurements that do not depend on
-    the exits (full-depth decode, prefill, mixed without checks, fill, proj, recompute, schedule, fixed)
-    are kept as they are. Decode passes that stop at a kept exit e ran a check at every profiled exit
+    the exits (full-depth decode, prefill, mixed without checks, fill, proj and recompute without checks,
+    schedule, fixed) are kept as they are. Decode passes that stop at a kept exit e ran a check at every profiled exit
     before e; the cost model takes out the checks at the model's exits before e, so the checks at the
     dropped ones are taken out here (priced from the profile's own check grid, as the cost model does).
     Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
-    exits at once; they are rescaled to the model's number of checks, keeping the per-check cost.
+    exits at once; they are rescaled to the model's number of checks, keeping the per-check cost (proj and
+    recompute points timed with checks lose the dropped exits' checks, priced from ``check_eager``).
     Decode points at dropped exits are removed.
     """
     from eesim.profile_data import spec_to_meta
@@ -113,6 +116,11 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
         if m.any():
             full = ref.g_full(f.loc[m, "batch"].to_numpy(float), f.loc[m, "context"].to_numpy(float))[0]
             med[m] = full + (med[m] - full) * ratio
+    # owed points timed with the checks (checks > 0): their checks rescaled as the general path's are
+    owed_checked = np.isin(comp, ("proj", "recompute")) & (f["checks"].to_numpy() > 0)
+    if owed_checked.any():
+        rows_o = np.minimum(f.loc[owed_checked, "batch"].to_numpy().astype(np.int64), ref.max_rows)
+        med[owed_checked] -= (pm.num_segments - model.num_segments) * ref.chk_eager_tab[rows_o]
     no_checks = f[(f["component"] == "mixed") & (f["checks"] == 0)].set_index(["batch", "tokens", "context"])["median_s"]
     mixed_checked = (comp == "mixed") & (f["checks"].to_numpy() > 0)
     for i in np.flatnonzero(mixed_checked):
@@ -130,7 +138,7 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     rows = np.minimum(f["batch"].to_numpy().astype(np.int64), ref.max_rows)
     med[inner] -= dropped * ref.chk_tab[rows[inner]]
     f["median_s"] = med
-    checks = np.isin(comp, ("check", "check_eager")) | mixed_checked
+    checks = np.isin(comp, ("check", "check_eager")) | mixed_checked | owed_checked
     f.loc[checks, "checks"] = model.num_segments - 1
     meta = dict(profile.meta)
     meta["model"] = spec_to_meta(model)
@@ -644,7 +652,13 @@ class ProfileCostModel:
             return None
         meta = self.profile.meta
         b, c = int(meta.get("owed_batch", sub["batch"].iloc[0])), int(meta.get("owed_context", sub["context"].iloc[0]))
-        base = float(self.g_full(b, c)[0])
+        # the marginal over the same step owing nothing: full depth, plus the general path's checks where the
+        # points ran them (checks > 0: profiles measured since the late evening of 2026-11-22; owed rows
+        # only occur under rules that check)
+        base = np.full(len(sub), float(self.g_full(b, c)[0]))
+        checked = sub["checks"].to_numpy() > 0
+        if checked.any():
+            base[checked] += float(sub["checks"].to_numpy()[checked][0]) * self.chk_eager_tab[min(b, self.max_rows)]
         sub = sub.assign(median_s=np.maximum(sub["median_s"].to_numpy() - base, 0.0))
         return _grid(sub, ["layers", "tokens"], roof)
 

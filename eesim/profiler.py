@@ -18,11 +18,12 @@ Components (coordinates in brackets; policy fill unless said; every decode row m
   prefill    [tokens, context]  one prompt chunk of ``tokens`` after ``context`` cached positions, full rule
   mixed      [batch, tokens, checks]  ``batch`` decode rows at ``mixed_context`` plus a chunk of ``tokens``
              at position 0; checks 0 (full rule) or S - 1 (checked, nobody leaves)
-  proj       [layers, batch, tokens]  copy_hidden: ``tokens`` owed positions ride along in the K/V
-             projection of the last ``layers`` layers of a full-depth decode step of ``batch`` rows at
-             ``owed_context``
-  recompute  [layers, batch, tokens]  recompute: ``tokens`` owed positions re-run the last ``layers``
-             layers beside their rows
+  proj       [layers, batch, tokens, checks]  copy_hidden: ``tokens`` owed positions ride along in the K/V
+             projection of the last ``layers`` layers of a decode step of ``batch`` rows at ``owed_context``
+             that checks every exit and nobody leaves (S - 1 checks: owed rows exist only under rules that
+             check, on the general path; the cost model takes ``check_eager`` out)
+  recompute  [layers, batch, tokens, checks]  recompute: ``tokens`` owed positions re-run the last
+             ``layers`` layers beside their rows, the step checked as for proj
   schedule   [batch]  host seconds of ``Scheduler.schedule`` for ``batch`` running decode sequences
   bookkeeping [batch] host seconds a serving loop spends per iteration after the GPU: the executor's
                       tail after its last kernel (outcome, work count), ``Scheduler.update`` and the
@@ -225,7 +226,7 @@ class Profiler:
             if comp in comps and S > 1:
                 depths = sorted({spec.exit_layers[0], spec.exit_layers[len(spec.exit_layers) // 2],
                                  spec.exit_layers[-1]})
-                pts += [(comp, L - d, g.owed_batch, g.owed_context, m, 0) for d in depths for m in g.owed_rows
+                pts += [(comp, L - d, g.owed_batch, g.owed_context, m, S - 1) for d in depths for m in g.owed_rows
                         if m < g.owed_batch * (g.owed_context - 1) and self.fits(g.owed_batch * g.owed_context,
                                                                                  g.owed_batch)]
         if "decode" in comps:  # the exit layers last: one configure per layer
@@ -342,9 +343,9 @@ class Profiler:
             return setting
         if comp in ("proj", "recompute"):
             policy = "copy_hidden" if comp == "proj" else "recompute"
-            want = ("full", policy)
+            want = ("never" if checks else "full", policy)
             if setting != want:
-                ex.configure(spec, "full", policy, "max_prob", 0.9, "model", None)
+                ex.configure(spec, NeverExit() if checks else "full", policy, "max_prob", 0.9, "model", None)
                 setting = want
             _, plan = self.state([ctx] * batch)
             depth = L - layers

@@ -45,13 +45,15 @@ def error_table(measured, simulated) -> pd.DataFrame:
 
 
 def prepare_graphs(workload: Workload, config: SimConfig, executor) -> int:
-    """Capture the decode graphs ``workload`` can need under ``config`` (``GPUExecutor.capture_graphs``)."""
+    """Capture the decode and prompt-chunk graphs ``workload`` can need under ``config``
+    (``GPUExecutor.capture_graphs``)."""
     requests = workload.requests
     if not requests:
         return 0
     rows = min(config.scheduler.max_num_seqs, len(requests))
     longest = max(r.prompt_len + r.output_len for r in requests)
-    return executor.capture_graphs(rows, min(longest, config.model.max_context))
+    chunk = min(config.scheduler.max_num_batched_tokens, sum(r.prompt_len for r in requests))
+    return executor.capture_graphs(rows, min(longest, config.model.max_context), chunk)
 
 
 def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None,

@@ -362,3 +362,24 @@ def test_decode_metadata_padded_to_capture_sizes():
     assert (meta.block_tables.numpy()[5:] == 0).all() and meta.block_tables.numpy()[3, :4].tolist() == [7, 8, 9, 10]
     wide = stager.stage(np.zeros(2, np.int64), np.zeros(2, np.int64), np.full(2, -1), [[0]] * 2, width=64)
     assert tuple(wide.block_tables.shape) == (2, 64) and wide.rows == 2
+
+
+def test_prompt_chunk_shapes_prepared_from_padding_write_nothing(model):
+    """``MixedGraphs.capture`` (what ``capture_graphs`` runs for prompt chunks) stages metadata of padding only:
+    it writes no K/V, and a real iteration of that padded shape then reuses the shape it prepared."""
+    from eesim.gpu.mixed_graphs import token_bucket
+
+    ex, sch = make_pair(model, "full", "fill", max_tokens=10, cuda_graphs=True)
+    ex.k_cache.fill_(float("nan"))
+    ex.v_cache.fill_(float("nan"))
+    L, bounds = SPEC.num_layers, SPEC.segment_bounds
+    assert ex._mixed_graphs.capture(0, token_bucket(9), [(0, L)]) == 0  # no graphs off CUDA, but the shape
+    ex._mixed_graphs.capture(2, 16, [(0, L)] + [(bounds[s], bounds[s + 1]) for s in range(SPEC.num_segments)])
+    assert torch.isnan(ex.k_cache).all() and torch.isnan(ex.v_cache).all()
+    shapes = dict(ex._mixed_graphs._shapes)
+    assert len(shapes) == 2
+    sch.add(make_seqs([9], 4)[0])
+    plan = sch.schedule()
+    sch.update(plan, ex.execute(plan), [0.0])
+    assert ex._mixed_graphs._shapes == shapes  # the 9-token prompt ran in the shape prepared for it
+    assert (~torch.isnan(ex.k_cache)).sum() > 0

@@ -456,3 +456,62 @@ def test_copy_hidden_steps_owing_nothing_priced_as_the_graphed_path(profile_path
         both = replace(decode_work(SPEC, b, 512, exit_k=k, steps=2), carried=np.array([0.0, 1.0]))
         np.testing.assert_allclose(copy.iteration_time(both), [copy.iteration_time(fresh)[0],
                                                                copy.iteration_time(owing)[0]], rtol=1e-12)
+
+
+def owed_work(spec, rows, ctx, owed, depth_k, kv_name):
+    """A decode step of ``rows`` rows checking every exit, nobody leaving, with ``owed`` positions riding along
+    from the segment after exit ``depth_k`` (recompute: re-run there; copy_hidden: projected there)."""
+    from dataclasses import replace
+
+    work = decode_work(spec, rows, ctx)
+    work.check_rows[:, :-1] = rows
+    work.syncs[:] = spec.num_segments - 1
+    extra = np.zeros_like(work.full_rows)
+    extra[:, depth_k + 1:] = owed
+    if kv_name == "recompute":
+        return replace(work, full_rows=work.full_rows + extra, recompute_rows=extra, carried=np.ones(1))
+    return replace(work, proj_rows=extra, carried=np.ones(1))
+
+
+def checked_owed_frame(spec=SPEC):
+    """synthetic_frame with the owed points timed as the profiler now times them: every exit
+    checked on the general path (check_eager's cost per check over the full-depth step, 2 * chk(b) in that law,
+    added at their batch of 8)."""
+    frame = synthetic_frame(spec)
+    owed = frame["component"].isin(["proj", "recompute"])
+    S = spec.num_segments
+    per_check = 2 * (60e-6 + 0.2e-6 * 8)
+    frame.loc[owed, "checks"] = S - 1
+    for col in ("median_s", "p25_s", "p75_s"):
+        frame.loc[owed, col] += (S - 1) * per_check
+    return frame
+
+
+@pytest.mark.parametrize("kv", ["copy_hidden", "recompute"])
+def test_owed_points_timed_with_checks_price_the_same_marginal(tmp_path, profile_path, kv):
+    """An owed point timed with the checks has check_eager taken out as well as the full-depth step: a profile
+    that measured the same law both ways prices every owed step alike."""
+    path = tmp_path / "checked.parquet"
+    write_profile(path, checked_owed_frame(), META)
+    plain = ProfileCostModel(profile_path, SPEC, kv_policy=kv, include_schedule=False)
+    checked = ProfileCostModel(path, SPEC, kv_policy=kv, include_schedule=False)
+    for rows, owed, k in ((1, 1, 0), (4, 8, 1), (16, 20, 0), (8, 32, 1)):
+        work = owed_work(SPEC, rows, 512, owed, k, kv)
+        assert checked.iteration_time(work)[0] == pytest.approx(plain.iteration_time(work)[0], rel=1e-9)
+        assert checked.breakdown(work)["proj" if kv == "copy_hidden" else "recompute"] > 0
+
+
+def test_restricted_owed_points_lose_the_dropped_exits_checks(tmp_path):
+    """restrict_exits takes the dropped exits' eager checks out of owed points timed with checks."""
+    from eesim.profile_cost import restrict_exits
+
+    wide = MODEL_PRESETS["llama2-7b"].with_exits((4, 8, 16, 24))
+    frame = checked_owed_frame(wide)
+    profile = Profile(frame, {**META, "model": spec_to_meta(wide)}, "")
+    narrow = restrict_exits(profile, SPEC).frame
+    per_check = 2 * (60e-6 + 0.2e-6 * 8)
+    for comp in ("proj", "recompute"):
+        before = frame[frame.component == comp].set_index(["layers", "tokens"])["median_s"]
+        after = narrow[narrow.component == comp].set_index(["layers", "tokens"])
+        assert (after["checks"] == SPEC.num_segments - 1).all()
+        np.testing.assert_allclose(after["median_s"], before.loc[after.index] - per_check, rtol=1e-9)

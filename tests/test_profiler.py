@@ -58,8 +58,10 @@ def test_work_of_points(swept):
     assert w.proj_rows[0].tolist() == [0, 0, 4, 4]
     w = prof.works[("prefill", 4, 0, 32, 48, 0)]
     assert w.full_rows[0].tolist() == [48] * 4
-    w = prof.works[("recompute", 3, 2, 32, 2, 0)]
+    # owed positions ride along in a step that checks every exit (nobody leaves), as under a rule that checks
+    w = prof.works[("recompute", 3, 2, 32, 2, 3)]
     assert w.recompute_rows[0].tolist() == [0, 2, 2, 2]
+    assert w.check_rows[0].tolist() == [2, 2, 2, 0]
 
 
 def test_resume_skips_done_points(swept, tmp_path):

@@ -308,11 +308,14 @@ class GPUExecutor:
         return self._segment_graphs.captures + self._mixed_graphs.captures
 
     @torch.no_grad()
-    def capture_graphs(self, max_rows: int, max_context: int) -> int:
+    def capture_graphs(self, max_rows: int, max_context: int, max_chunk_tokens: int = 0) -> int:
         """Capture up front every decode graph a run of at most ``max_rows`` decode rows and ``max_context``
         positions can need (each padded row count x block-table width x stretch of the current exits),
         as serving engines capture their batch sizes at start-up; otherwise a shape first met under load
-        stalls that iteration for a model pass and a capture. Returns the graphs captured (0 off CUDA)."""
+        stalls that iteration for a model pass and a capture. With ``max_chunk_tokens``, also the prompt-chunk
+        graphs (``mixed_graphs``) of chunks up to that many tokens beside each padded count of decode rows,
+        without projected entries (copy_hidden's, captured when first met). Returns the graphs captured (0
+        off CUDA)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
             return 0
         from eesim.gpu.batch import WIDTH_QUANTUM, row_bucket
@@ -333,8 +336,19 @@ class GPUExecutor:
                                           [[0]] * n, width=width)
                 for lo, hi, tail in stretches:
                     graphs.ensure(lo, hi, meta, tail)
+        captured = graphs.captures - before
+        if max_chunk_tokens > 0:
+            from eesim.gpu.mixed_graphs import pow2, token_bucket
+
+            whole = [(0, spec.num_layers)]
+            segments = whole + [(bounds[s], bounds[s + 1]) for s in range(S)] if len(stretches) > 1 else whole
+            top = token_bucket(max_chunk_tokens)
+            tokens = sorted({token_bucket(n) for n in range(1, top + 1)})
+            for rows in [0] + sorted({pow2(n) for n in range(1, max(1, max_rows) + 1)}):
+                for t in tokens:  # a chunk alone is never checked: one stretch
+                    captured += self._mixed_graphs.capture(rows, t, segments if rows else whole)
         torch.cuda.synchronize()
-        return graphs.captures - before
+        return captured
 
     def _to_host(self, t: Tensor) -> np.ndarray:
         """``t.cpu().numpy()`` through a pinned buffer (a non-blocking copy, then a stream sync)."""

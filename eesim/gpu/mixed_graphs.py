@@ -121,6 +121,24 @@ class MixedGraphs:
         shape.stage(a)
         return shape
 
+    def capture(self, P: int, T: int, stretches: list[tuple[int, int]]) -> int:
+        """Capture the graphs of the padded shape with ``P`` decode rows and ``T`` chunk tokens (no projected
+        entries, ``MIN_CHUNKS`` chunks) for each ``(lo, hi)`` stretch, from metadata of padding only (nothing
+        written to the cache), so that no iteration of that shape stalls on a capture. Returns the captures."""
+        key = (P, T, MIN_CHUNKS, self.width if P else 0, self.width, 0)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(self.ex, *key)
+        none = np.zeros(0, dtype=np.int64)
+        shape.stage({"num_paged": 0, "num_chunk_rows": 0, "cu": np.zeros(1, np.int64), "proj": none,
+                     "positions": none, "slots": none, "proj_positions": none, "context": none,
+                     "tables": np.zeros((0, 0), np.int64), "chunk_tables": np.zeros((0, 0), np.int64)})
+        before = self.captures
+        x = shape.x[:0]
+        for lo, hi in stretches:
+            self.run(lo, hi, x, shape, 0)
+        return self.captures - before
+
     def run(self, lo: int, hi: int, x: Tensor, shape: _Shape, p: int, proj: Tensor | None = None) -> Tensor:
         """Layers lo..hi-1 of the real rows ``x`` (``p`` decode rows, then the chunks' tokens and recompute's
         rows), with ``proj`` (copy_hidden's entries) projected beside them; returns the real rows after them

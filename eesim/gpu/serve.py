@@ -8,12 +8,19 @@ wall-clock times, an idle executor sleeps until the next one, and every host cos
 loop with measured instead of priced iterations (and without SimPy, which the GPU machine may lack),
 so its results compare with ``simulate`` on the same workload and configuration request by request:
 each request replays the same recorded generation in both (same seed, same assignment).
+
+While it serves, the objects alive before the loop are frozen out of Python's cyclic garbage collector
+(``gc.freeze``), as long-running servers do after start-up: a full collection otherwise scans the whole
+process (torch, pandas, the executor's caches) and stalls the iteration it falls in, a cost no cost model
+prices and a tuned server does not pay (docs/fidelity.md, "Fourth measurement", has the numbers).
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -63,11 +70,28 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@contextmanager
+def frozen_heap():
+    """The objects alive now out of the garbage collector's scans (``gc.freeze``) until the block ends."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iterations: int = 1_000_000,
           realtime: bool = False) -> SimResult:
     """Serve ``workload`` on one replica; returns the same tables as ``simulate`` (times measured)."""
     if config.replicas != 1:
         raise EesimError("the GPU executor serves one replica; run one process per GPU for more")
+    with frozen_heap():
+        return _serve(workload, config, executor, max_iterations, realtime)
+
+
+def _serve(workload: Workload, config: SimConfig, executor: GPUExecutor, max_iterations: int,
+           realtime: bool) -> SimResult:
     policy = kv_policy(config.kv_policy)
     scheduler = Scheduler(replace(config.scheduler, num_blocks=executor.num_blocks), config.model, policy,
                           executor.num_blocks)
