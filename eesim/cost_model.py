@@ -47,6 +47,7 @@ class AnalyticalCostModel:
         self.head_row_seconds = 2.0 * model.head_params / self.flop_rate
         self.fixed = hardware.iteration_overhead_s
         self.sync = hardware.exit_sync_s
+        self._segment_layers = self.layers.tolist()  # (Python floats, for _one_step_time)
 
     def _segment_times(self, work: IterationWork) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per (step, segment) and per (step, exit head)."""
@@ -68,7 +69,30 @@ class AnalyticalCostModel:
         heads = np.maximum(self.head_seconds * (logit_rows > 0), logit_rows * self.head_row_seconds)
         return segment, heads
 
+    def _one_step_time(self, work: IterationWork) -> float:
+        """``iteration_time`` of a one-step record (most records) on Python floats: _segment_times'
+        operations in the same order, and numpy's own sums over the segments, so the same result bit for
+        bit, without two dozen numpy calls on arrays of one row."""
+        kv_bytes, layer_bytes, kv_proj_bytes = self.kv_token_bytes, self.layer_bytes, self.kv_proj_bytes
+        layer_flops, kv_proj_flops = self.layer_flops_per_row, self.kv_proj_flops_per_row
+        attn_flops, bandwidth, flop_rate = self.attn_flops_per_position, self.bandwidth, self.flop_rate
+        segment = []
+        for full, proj, kv_read, attn, layers in zip(work.full_rows[0].tolist(), work.proj_rows[0].tolist(),
+                                                     work.kv_read[0].tolist(), work.attn_context[0].tolist(),
+                                                     self._segment_layers):
+            weights = layer_bytes if full > 0 else kv_proj_bytes * (proj > 0)
+            memory = ((kv_read + full + proj) * kv_bytes + weights) / bandwidth
+            compute = (full * layer_flops + proj * kv_proj_flops + attn * attn_flops) / flop_rate
+            segment.append((memory if memory >= compute else compute) * layers)
+        head_seconds, head_row_seconds = self.head_seconds, self.head_row_seconds
+        heads = [max(head_seconds * (rows > 0), rows * head_row_seconds) for rows in work.logit_rows[0].tolist()]
+        # numpy's pairwise summation, as over a row of the (T, S) arrays: not Python's left-to-right sum
+        segment_total, heads_total = np.add.reduce(np.array([segment, heads]), axis=1).tolist()
+        return segment_total + heads_total + (self.fixed + work.syncs.item(0) * self.sync)
+
     def iteration_time(self, work: IterationWork) -> np.ndarray:
+        if len(work.syncs) == 1:
+            return np.array([self._one_step_time(work)])
         segment, heads = self._segment_times(work)
         total = np.add.reduce(segment, axis=1)  # (the ufunc itself: ndarray.sum adds a Python layer)
         total += np.add.reduce(heads, axis=1)

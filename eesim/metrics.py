@@ -33,38 +33,53 @@ PERCENTILES = (50, 90, 99)
 
 
 class IterationLog:
-    """Per-iteration records, appended once per executed plan (a plan may cover several steps)."""
+    """Per-iteration records, appended once per executed plan (a plan may cover several steps).
+
+    An entry keeps the plan's and the outcome's arrays as they are; the counts per step (tokens, decode
+    rows, early and forced exits) are worked out in ``frame``, for every plan at once: a few numpy calls
+    per plan, on arrays of a handful of rows, cost more than the rest of the log."""
 
     def __init__(self) -> None:
         self._entries: list[tuple] = []
 
-    def add(self, replica: int, first_index: int, start: float, step_ends: list[float], batch_size: int,
-            batched_tokens: int, decode_rows: int, early_exits: np.ndarray, forced_exits: np.ndarray, work,
-            preempted: int, blocks_used: list[int], num_blocks: int, owed_positions: int) -> None:
-        self._entries.append((replica, first_index, start, step_ends, batch_size, batched_tokens, decode_rows,
-                              early_exits, forced_exits, work, preempted, list(blocks_used), num_blocks,
-                              owed_positions))
-
     def record(self, replica: int, plan, outcome, start: float, step_ends: list[float], scheduler) -> None:
         """Log an executed plan (either executor) from its outcome and the scheduler's state after it."""
-        early = ((outcome.exit_index < outcome.work.full_rows.shape[1] - 1) & plan.can_exit).sum(axis=1)
         owed = scheduler.ledger.total_owed() if scheduler.policy.keeps_hidden_state else 0
-        self.add(replica, plan.index, start, step_ends, plan.batch_size, plan.num_batched_tokens, plan.num_decode,
-                 early, outcome.forced.sum(axis=1), outcome.work, len(plan.preempted), scheduler.blocks_used,
-                 scheduler.allocator.num_blocks, owed)
+        self._entries.append((replica, plan.index, start, step_ends, plan.batch_size, plan.num_new, plan.can_exit,
+                              outcome.exit_index, outcome.forced, outcome.work, len(plan.preempted),
+                              list(scheduler.blocks_used), scheduler.allocator.num_blocks, owed))
 
     def frame(self) -> pd.DataFrame:
         if not self._entries:
             return pd.DataFrame(columns=list(ITERATION_COLUMNS))
-        (replica, first, start, ends, batch, tokens, decode, early, forced, works, preempted, used, blocks,
+        (replica, first, start, ends, batch, num_new, can_exit, exit_index, forced, works, preempted, used, blocks,
          owed) = zip(*self._entries)
-        steps = np.fromiter((len(e) for e in ends), dtype=np.int64, count=len(ends))
-        offset = np.arange(steps.sum()) - np.repeat(np.cumsum(steps) - steps, steps)  # step within its plan
-        end = np.concatenate([np.asarray(e, dtype=np.float64) for e in ends])
+        num_plans = len(ends)
+        steps = np.fromiter((len(e) for e in ends), dtype=np.int64, count=num_plans)
+        batch = np.array(batch, dtype=np.int64)
+        total_steps = int(steps.sum())
+        offset = np.arange(total_steps) - np.repeat(np.cumsum(steps) - steps, steps)  # step within its plan
+        end = np.fromiter(chain.from_iterable(ends), dtype=np.float64, count=total_steps)  # (lists: no array each)
         begin = end.copy()
         begin[1:] = end[:-1]
         begin[offset == 0] = start  # the first step of a plan starts when the plan started
-        decode = np.repeat(decode, steps)
+
+        # Per plan, over its rows: tokens computed and decode rows (integers: exact as bincount's float weights).
+        plan_of_row = np.repeat(np.arange(num_plans), batch)
+        decode_rows = np.concatenate(can_exit)
+        tokens = np.bincount(plan_of_row, weights=np.concatenate(num_new), minlength=num_plans).astype(np.int64)
+        decode = np.repeat(np.bincount(plan_of_row, weights=decode_rows, minlength=num_plans).astype(np.int64), steps)
+        # Per step, over its rows: a plan's (T, B) cells flattened step by step; cell (t, b) is row b's.
+        cells = steps * batch
+        plan_of_cell = np.repeat(np.arange(num_plans), cells)
+        row_of_cell = (np.arange(int(cells.sum())) - (np.cumsum(cells) - cells)[plan_of_cell]) % batch[plan_of_cell]
+        step_of_cell = np.repeat(np.arange(total_steps), np.repeat(batch, steps))
+        last_exit = works[0].full_rows.shape[1] - 1  # (every plan of a log is of one model)
+        left_early = ((np.concatenate(exit_index, axis=None) < last_exit)  # (axis None: each flattened)
+                      & decode_rows[(np.cumsum(batch) - batch)[plan_of_cell] + row_of_cell])
+        early = np.bincount(step_of_cell, weights=left_early, minlength=total_steps).astype(np.int64)
+        forced = np.bincount(step_of_cell, weights=np.concatenate(forced, axis=None),
+                             minlength=total_steps).astype(np.int64)
 
         def per_step(name: str) -> np.ndarray:
             return np.concatenate([getattr(w, name) for w in works])
@@ -73,11 +88,12 @@ class IterationLog:
             "replica": np.repeat(replica, steps), "iteration": np.repeat(first, steps) + offset,
             "start": begin, "end": end, "batch_size": np.repeat(batch, steps),
             "prefill_tokens": np.repeat(tokens, steps) - decode, "decode_rows": decode,
-            "early_exits": np.concatenate(early), "forced_exits": np.concatenate(forced),
+            "early_exits": early, "forced_exits": forced,
             "batch_reach": per_step("batch_reach"), "proj_rows": per_step("proj_rows").sum(axis=1),
             "recompute_rows": per_step("recompute_rows").sum(axis=1), "syncs": per_step("syncs"),
             "preempted": np.where(offset == 0, np.repeat(preempted, steps), 0),
-            "kv_utilisation": np.concatenate(used) / np.repeat(blocks, steps),
+            "kv_utilisation": np.fromiter(chain.from_iterable(used), dtype=np.int64, count=total_steps)
+            / np.repeat(blocks, steps),
             "owed_positions": np.repeat(owed, steps),
         })
 

@@ -74,22 +74,25 @@ class Scheduler:
     def schedule(self, now: float = 0.0, max_steps: int = 1) -> IterationPlan:
         """Plan the next iteration. With ``max_steps`` > 1 the plan may cover a run of identical
         decode steps (see ``_run_length``); the caller may apply fewer of them."""
-        budget = self.config.max_num_batched_tokens
+        config = self.config
+        budget = config.max_num_batched_tokens
         rows: list[tuple[Sequence, int]] = []
         preempted: list[int] = []
 
         # Running sequences keep their places; a block shortage evicts the newest admitted ones.
-        allocator, block_size = self.allocator, self.config.block_size
+        allocator, block_size, running = self.allocator, config.block_size, self.running
         index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            count = min(seq.request.prompt_len + seq.num_generated - seq.num_computed, budget)
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            count = seq.request.prompt_len + seq.num_generated - seq.num_computed
+            if count > budget:
+                count = budget
             need = -(-(seq.num_computed + count) // block_size) - len(seq.blocks)
             if need > 0:
-                while need > allocator.num_free and self.running[-1] is not seq:
-                    preempted.append(self._preempt(self.running.pop()))
+                while need > allocator.num_free and running[-1] is not seq:
+                    preempted.append(self._preempt(running.pop()))
                 if need > allocator.num_free:
-                    preempted.append(self._preempt(self.running.pop()))  # the sequence itself
+                    preempted.append(self._preempt(running.pop()))  # the sequence itself
                     break
                 seq.blocks.extend(allocator.allocate(seq.seq_id, need))
             rows.append((seq, count))
@@ -98,7 +101,7 @@ class Scheduler:
 
         # Admit waiting sequences in arrival order; none jumps a blocked one, and none while evicting.
         while (self.waiting and budget > 0 and not preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(running) < config.max_num_seqs):
             seq = self.waiting[0]
             count = min(seq.remaining_to_compute, budget)
             need = allocator.blocks_for(seq.num_computed + count)
@@ -110,25 +113,32 @@ class Scheduler:
             if seq.first_scheduled_time < 0:
                 seq.first_scheduled_time = now
             self.ledger.add(seq.seq_id, seq.request.prompt_len + seq.request.output_len)
-            self.running.append(seq)
+            running.append(seq)
             rows.append((seq, count))
             budget -= count
 
-        seqs = [seq for seq, _ in rows]
-        # One (4, B) table, built from Python ints in one go: num_new, start, total_len, generated.
-        table = np.array([(count, seq.num_computed, seq.request.prompt_len + seq.num_generated, seq.num_generated)
-                          for seq, count in rows], dtype=np.int64).reshape(len(rows), 4).T
-        num_new, start, total, generated = table
-        emits = start + num_new == total
-        can_exit = emits & (num_new == 1) & (generated > 0)
-        if self.policy.settle == "iteration_end":
+        # The per-row columns, worked out on Python ints and converted once each: a batch is a handful
+        # of rows, for which a dozen numpy operations cost more than this loop.
+        seqs: list[Sequence] = []
+        num_new, start, generated, emits, can_exit = [], [], [], [], []
+        for seq, count in rows:
+            computed, num_generated = seq.num_computed, seq.num_generated
+            completes = computed + count == seq.request.prompt_len + num_generated  # samples a token
+            seqs.append(seq)
+            num_new.append(count)
+            start.append(computed)
+            generated.append(num_generated)
+            emits.append(completes)
+            can_exit.append(completes and count == 1 and num_generated > 0)  # a decode step
+        settles_now = self.policy.settle == "iteration_end"
+        if settles_now:
             owed = [()] * len(seqs)  # such policies leave nothing owed between iterations
         else:
             owed = [self.ledger.owed(seq.seq_id) for seq in seqs]
-        plan = IterationPlan(self.num_iterations, seqs, num_new, start, can_exit, emits, owed, generated,
-                             preempted)
-        if max_steps > 1 and not preempted and len(seqs) == len(self.running) and can_exit.all() \
-                and self.policy.settle == "iteration_end":
+        plan = IterationPlan(self.num_iterations, seqs, np.array(num_new, dtype=np.int64),
+                             np.array(start, dtype=np.int64), np.array(can_exit, dtype=bool),
+                             np.array(emits, dtype=bool), owed, np.array(generated, dtype=np.int64), preempted)
+        if max_steps > 1 and settles_now and not preempted and len(seqs) == len(running) and all(can_exit):
             plan.steps = self._run_length(plan, max_steps)
         self.num_iterations += 1
         return plan
@@ -186,22 +196,21 @@ class Scheduler:
         self.blocks_used = [allocator.num_used] * steps
         if steps > 1:
             self._allocate_run_blocks(plan, steps)
-        batch_layer = int(self._exit_layer_array[outcome.work.batch_reach[0]])
-        finished: list[Sequence] = []
-        settles_now = self.policy.settle == "iteration_end"
-        per_row = zip(exit_layers.T.tolist(), outcome.agrees.T.tolist(), outcome.forced.T.tolist(),
-                      outcome.tokens.T.tolist())
-        rows = zip(plan.seqs, plan.start.tolist(), plan.num_new.tolist(), plan.emits.tolist(), per_row)
-        for seq, start, count, emits, (layers, agrees, forced, tokens) in rows:
-            if steps > 1:
-                count = steps  # a run computes one position per step
-            if settles_now:
-                ledger.record(seq.seq_id, start, count, num_layers)  # early exits settled this iteration
-            else:
-                own_layer = layers[0]
+        seqs, starts = plan.seqs, plan.start.tolist()
+        counts = [steps] * len(seqs) if steps > 1 else plan.num_new.tolist()  # a run: one position per step
+        if self.policy.settle == "iteration_end":
+            # early exits are settled this iteration: every position computed is at full depth
+            ledger.record_rows([seq.seq_id for seq in seqs], starts, counts, num_layers)
+        else:
+            batch_layer = int(self._exit_layer_array[outcome.work.batch_reach[0]])
+            for seq, start, count, own_layer in zip(seqs, starts, counts, exit_layers[0].tolist()):
                 ledger.record(seq.seq_id, start, count, own_layer)
                 if ledger.num_owed(seq.seq_id):
                     ledger.settle(seq.seq_id, settle_target(self.policy, own_layer, batch_layer, num_layers))
+        finished: list[Sequence] = []
+        rows = zip(seqs, starts, counts, plan.emits.tolist(), exit_layers.T.tolist(), outcome.agrees.T.tolist(),
+                   outcome.forced.T.tolist(), outcome.tokens.T.tolist())
+        for seq, start, count, emits, layers, agrees, forced, tokens in rows:
             seq.num_computed = start + count
             if emits:
                 seq.num_generated += steps

@@ -48,6 +48,10 @@ class SimExecutor:
             self._confident, self._column = measure.confident(column, threshold.value), None
         else:
             self._confident, self._column = None, column
+        # The same, at the intermediate exits only and contiguous, so that one take() gathers a step's rows.
+        # (The GPU executor's replay mode reads the whole tables above.)
+        self._confident_at_checks = None if self._confident is None else np.ascontiguousarray(self._confident[:, :-1])
+        self._column_at_checks = None if self._column is None else np.ascontiguousarray(self._column[:, :-1])
         self._num_checks = model.num_segments - 1
 
     def prepare(self, seq: Sequence, trace_sequence: int) -> None:
@@ -58,14 +62,20 @@ class SimExecutor:
 
     def execute(self, plan: IterationPlan) -> IterationOutcome:
         seqs, steps = plan.seqs, plan.steps
-        bound = np.array([(seq.trace_offset, seq.trace_len) for seq in seqs], dtype=np.int64).reshape(-1, 2)
-        token = plan.token_index[None, :] + np.arange(steps)[:, None]  # (T, B) generated-token index
-        rows = bound[:, 0] + token % np.maximum(bound[:, 1], 1)  # (T, B) trace rows, wrapping around
-        if self._confident is not None:
-            confident = self._confident[rows, :-1]  # (T, B, K) at the intermediate exits
+        token = plan.token_index[None, :] if steps == 1 else plan.token_index + np.arange(steps)[:, None]  # (T, B)
+        # (T, B) trace rows: each row's recorded generation, wrapping around a shorter one. (One step, most
+        # plans: on Python ints, converted once.)
+        if steps == 1:
+            rows = np.array([[seq.trace_offset + index % max(seq.trace_len, 1)
+                              for seq, index in zip(seqs, plan.token_index.tolist())]], dtype=np.int64)
+        else:
+            offsets = np.array([seq.trace_offset for seq in seqs], dtype=np.int64)
+            rows = offsets + token % np.array([max(seq.trace_len, 1) for seq in seqs], dtype=np.int64)
+        if self._confident_at_checks is not None:
+            confident = self._confident_at_checks.take(rows, axis=0)  # (T, B, K) at the intermediate exits
         else:
             thresholds = self.threshold.at(token, self.measure)[:, :, None]
-            confident = self.measure.confident(self._column[rows, :-1], thresholds)
+            confident = self.measure.confident(self._column_at_checks.take(rows, axis=0), thresholds)
         exit_index, forced = self.rule.decide_all(confident, plan.can_exit)
         agrees = self.trace.agrees[rows, exit_index] | ~plan.emits
         tokens = np.where(plan.emits, self.trace.argmax[rows, exit_index], -1)

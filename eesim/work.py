@@ -51,23 +51,15 @@ class WorkCounter:
 
     def count(self, plan: IterationPlan, exit_index: np.ndarray) -> IterationWork:
         """Work of each of the plan's steps, given the exit index of every row in every step (T, B)."""
-        steps, num_rows = exit_index.shape
+        steps = exit_index.shape[0]
         segs = self.num_segments
-        num_new = plan.num_new
-        start = plan.start if steps == 1 else plan.start + np.arange(steps)[:, None]  # step t: position start + t
         # A row with exit index k ran segments 0..k: one (T, B, S) mask turns every per-row quantity
         # into per-segment sums with a single batched product.
-        reaches = self._reach[exit_index]
-        per_row = np.empty((steps, 6, num_rows))
-        per_row[:, 0] = num_new
-        per_row[:, 1] = num_new * start + num_new * (num_new + 1) // 2  # positions attended (causal chunk)
-        per_row[:, 2] = (start + num_new) * (-(-num_new // QUERY_TILE))  # positions read from the cache
-        per_row[:, 3] = plan.can_exit
-        per_row[:, 4] = plan.emits
-        per_row[:, 5] = (start + 1) * plan.can_exit  # context of a decode row, if it must be re-run
-        sums = per_row @ reaches
-        full_rows, attn, kv_read, checked, emitted, decode_context = sums.transpose(1, 0, 2)
-        batch_reach = exit_index.max(axis=1)
+        # (Written quantity-major, so that each (T, S) sum is one contiguous block: cheaper for the cost models.)
+        sums = np.empty((6, steps, segs))
+        np.matmul(self._per_row(plan, steps), self._reach[exit_index], out=sums.transpose(1, 0, 2))
+        full_rows, attn, kv_read, checked, emitted, decode_context = sums
+        batch_reach = np.maximum.reduce(exit_index, axis=1)  # (the ufunc's own reduce: .max adds a Python layer)
         owed_rows = owed_context = self._zeros if steps == 1 else np.zeros((steps, segs))
         carried = self._no_debt if steps == 1 else np.zeros(steps)  # owed entries the step started with
         if self.policy.settle == "iteration_end":
@@ -88,15 +80,33 @@ class WorkCounter:
         logit_rows = emitted @ self._exact  # rows emitting at exactly that exit
         if self.needs_logits and self.checks:
             # checked rows that ran on still paid for that exit's logits
-            logit_rows = np.maximum(logit_rows, check_rows)
+            logit_rows = np.maximum(logit_rows, check_rows, out=logit_rows)
         if self.policy.work == "full_layers":
             proj, recompute = self._zeros if steps == 1 else np.zeros((steps, segs)), owed_rows
             full_rows, attn, kv_read = full_rows + recompute, attn + owed_context, kv_read + owed_context
         else:
             proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
-        syncs = (check_rows > 0).sum(axis=1)
+        syncs = np.add.reduce(check_rows > 0, axis=1)
         return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach,
                              carried)
+
+    @staticmethod
+    def _per_row(plan: IterationPlan, steps: int) -> np.ndarray:
+        """(T, 6, B) per-row quantities of each step: positions computed, positions attended (a causal
+        chunk), cached positions read (once per query tile), decode (may exit), emits, and a decode row's
+        context (what re-running it costs). Step t of a run computes position start + t, which moves the
+        three position-dependent quantities by t times their slope. (Integers, exact in float64.)"""
+        num_new, start, decode = plan.num_new, plan.start, plan.can_exit
+        tiles = (num_new + (QUERY_TILE - 1)) // QUERY_TILE
+        end = start + num_new
+        # positions attended: num_new * start + num_new * (num_new + 1) / 2, written with one division
+        per_row = np.array([num_new, num_new * (start + end + 1) // 2, end * tiles, decode, plan.emits,
+                            (start + 1) * decode], dtype=np.float64)
+        if steps == 1:
+            return per_row[None]
+        zeros = np.zeros(len(num_new))
+        slope = np.array([zeros, num_new, tiles, zeros, zeros, decode], dtype=np.float64)
+        return per_row + np.arange(steps)[:, None, None] * slope
 
     def _count_settlement(self, plan: IterationPlan, exit_index: np.ndarray, batch_reach: int,
                           rows: np.ndarray, context: np.ndarray) -> None:

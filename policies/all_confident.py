@@ -19,5 +19,6 @@ class AllConfident(ExitRule):
 
     def decide_all(self, confident: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # rows that cannot exit (prefill) do not hold the batch back
-        stop = (confident | ~eligible[:, None]).all(axis=1) & eligible.any()
+        # (With no eligible row every exit "stops", but batch_exit keeps ineligible rows at the last exit.)
+        stop = np.logical_and.reduce(confident | ~eligible[:, None], axis=1)
         return batch_exit(stop, confident, eligible, can_force=False)

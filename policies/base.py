@@ -17,12 +17,13 @@ def batch_exit(stop: np.ndarray, confident: np.ndarray, eligible: np.ndarray,
     where ``stop[t]`` holds. ``stop``: (T, K); ``confident``: (T, B, K). A rule that stops only where
     every row is confident (``can_force`` False) forces nobody out."""
     steps, num_rows, num_checks = confident.shape
-    has_stop = stop.any(axis=1)
+    has_stop = np.logical_or.reduce(stop, axis=1)  # (the ufuncs' own reduce: ndarray.any adds a Python layer)
     first = np.where(has_stop, stop.argmax(axis=1), num_checks)
-    leaving = has_stop[:, None] & eligible
-    exit_index = np.where(leaving, first[:, None], num_checks)
+    # where no exit stops the step, first is already num_checks: the eligible rows take it as they are
+    exit_index = np.where(eligible, first[:, None], num_checks)
     if not can_force:
         return exit_index, np.zeros(exit_index.shape, dtype=bool)
+    leaving = has_stop[:, None] & eligible
     picked = confident[np.arange(steps)[:, None], np.arange(num_rows), np.minimum(first, num_checks - 1)[:, None]]
     return exit_index, leaving & ~picked
 
