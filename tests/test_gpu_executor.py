@@ -383,3 +383,26 @@ def test_prompt_chunk_shapes_prepared_from_padding_write_nothing(model):
     sch.update(plan, ex.execute(plan), [0.0])
     assert ex._mixed_graphs._shapes == shapes  # the 9-token prompt ran in the shape prepared for it
     assert (~torch.isnan(ex.k_cache)).sum() > 0
+
+
+def test_copy_hidden_projection_shapes_prepared_from_padding_write_nothing(model):
+    """The shapes capture_graphs prepares for copy_hidden's owed entries (``M`` of them projected beside the
+    decode rows) write no K/V either, and a step that projects entries runs in the shape prepared for it."""
+    ex, sch = make_pair(model, RandomExits(0.4, seed=11), "copy_hidden", max_tokens=16, cuda_graphs=True)
+    bounds = SPEC.segment_bounds
+    ex.k_cache.fill_(float("nan"))
+    ex.v_cache.fill_(float("nan"))
+    for rows in (1, 2, 4):
+        ex._mixed_graphs.capture(rows, 0, [(bounds[s], bounds[s + 1]) for s in range(1, SPEC.num_segments)], 16)
+    assert torch.isnan(ex.k_cache).all() and torch.isnan(ex.v_cache).all()
+    prepared = {key: shape for key, shape in ex._mixed_graphs._shapes.items()}
+    ran = []
+    real_prepare = ex._mixed_graphs.prepare
+    ex._mixed_graphs.prepare = lambda a: ran.append(real_prepare(a)) or ran[-1]
+    for seq in make_seqs([3, 4, 2], 12):
+        sch.add(seq)
+    for _ in range(12):  # the prompts, then decode steps: rows that leave owe the layers the others run next
+        plan = sch.schedule()
+        sch.update(plan, ex.execute(plan), [0.0])
+    projecting = [shape for shape in ran if shape.M]
+    assert projecting and all(shape is prepared[(shape.P, 0, 8, shape.wd, shape.wc, 16)] for shape in projecting)

@@ -314,8 +314,8 @@ class GPUExecutor:
         as serving engines capture their batch sizes at start-up; otherwise a shape first met under load
         stalls that iteration for a model pass and a capture. With ``max_chunk_tokens``, also the prompt-chunk
         graphs (``mixed_graphs``) of chunks up to that many tokens beside each padded count of decode rows,
-        without projected entries (copy_hidden's, captured when first met). Returns the graphs captured (0
-        off CUDA)."""
+        and under copy_hidden the decode steps that project owed entries (up to one per row; beside a prompt
+        chunk they are captured when first met). Returns the graphs captured (0 off CUDA)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
             return 0
         from eesim.gpu.batch import WIDTH_QUANTUM, row_bucket
@@ -344,9 +344,16 @@ class GPUExecutor:
             segments = whole + [(bounds[s], bounds[s + 1]) for s in range(S)] if len(stretches) > 1 else whole
             top = token_bucket(max_chunk_tokens)
             tokens = sorted({token_bucket(n) for n in range(1, top + 1)})
-            for rows in [0] + sorted({pow2(n) for n in range(1, max(1, max_rows) + 1)}):
+            row_buckets = sorted({pow2(n) for n in range(1, max(1, max_rows) + 1)})
+            for rows in [0] + row_buckets:
                 for t in tokens:  # a chunk alone is never checked: one stretch
                     captured += self._mixed_graphs.capture(rows, t, segments if rows else whole)
+            if self.policy.work == "kv_projection" and self.policy.settle != "iteration_end" and len(stretches) > 1:
+                # copy_hidden's steps that start owing: entries ride along from their exit on, stretch by stretch
+                # (no chunk: T = 0), so every stretch after the first exit
+                for rows in row_buckets:
+                    for m in sorted({pow2(n, 16) for n in range(1, rows + 1)}):
+                        captured += self._mixed_graphs.capture(rows, 0, segments[2:], m)
         torch.cuda.synchronize()
         return captured
 

@@ -121,11 +121,12 @@ class MixedGraphs:
         shape.stage(a)
         return shape
 
-    def capture(self, P: int, T: int, stretches: list[tuple[int, int]]) -> int:
-        """Capture the graphs of the padded shape with ``P`` decode rows and ``T`` chunk tokens (no projected
-        entries, ``MIN_CHUNKS`` chunks) for each ``(lo, hi)`` stretch, from metadata of padding only (nothing
-        written to the cache), so that no iteration of that shape stalls on a capture. Returns the captures."""
-        key = (P, T, MIN_CHUNKS, self.width if P else 0, self.width, 0)
+    def capture(self, P: int, T: int, stretches: list[tuple[int, int]], M: int = 0) -> int:
+        """Capture the graphs of the padded shape with ``P`` decode rows, ``T`` chunk tokens, ``M`` projected
+        entries and ``MIN_CHUNKS`` chunks for each ``(lo, hi)`` stretch, from metadata of padding only
+        (nothing written to the cache), so that no iteration of that shape stalls on a capture. Returns the
+        captures."""
+        key = (P, T, MIN_CHUNKS, self.width if P else 0, self.width, M)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(self.ex, *key)
