@@ -142,29 +142,32 @@ def main() -> None:
     recs, works = [], []
     now = 0.0
     started = time.perf_counter()
-    while sched.has_work and len(recs) < args.iterations:
-        t0 = time.perf_counter()
-        plan = sched.schedule(now)
-        host = time.perf_counter() - t0
-        ex.execute(plan)  # may capture CUDA graphs for a new shape
-        outcome = ex.execute(plan)
-        elapsed = float(outcome.elapsed[0])
-        now += elapsed
-        sched.update(plan, outcome, [now])
-        work = outcome.work
-        cost.reset_counters()
-        pred = float(cost.iteration_time(work)[0])
-        works.append(work)
-        ctx = plan.start[plan.can_exit] + 1
-        chunks = ~plan.can_exit
-        recs.append(dict(iteration=plan.index, kind=kind(work), batch=plan.batch_size, tokens=plan.num_batched_tokens,
-                         prompt_chunks=int(chunks.sum()), chunk_starts=" ".join(map(str, plan.start[chunks].tolist())),
-                         chunk_tokens=" ".join(map(str, plan.num_new[chunks].tolist())),
-                         max_context=int(ctx.max()) if len(ctx) else 0,
-                         decode_rows=plan.num_decode, exits=int((outcome.exit_index < spec.num_segments - 1).sum()),
-                         reach=int(work.batch_reach[0]), mean_context=float(plan.start[plan.can_exit].mean() + 1)
-                         if plan.num_decode else 0.0, measured_ms=elapsed * 1e3, predicted_ms=pred * 1e3,
-                         schedule_us=host * 1e6, error=pred / elapsed - 1, extrapolated=cost.extrapolated > 0))
+    from eesim.gpu.serve import frozen_heap
+
+    with frozen_heap():  # as a serving loop runs (eesim/gpu/serve.py): no full garbage collection mid-iteration
+        while sched.has_work and len(recs) < args.iterations:
+            t0 = time.perf_counter()
+            plan = sched.schedule(now)
+            host = time.perf_counter() - t0
+            ex.execute(plan)  # may capture CUDA graphs for a new shape
+            outcome = ex.execute(plan)
+            elapsed = float(outcome.elapsed[0])
+            now += elapsed
+            sched.update(plan, outcome, [now])
+            work = outcome.work
+            cost.reset_counters()
+            pred = float(cost.iteration_time(work)[0])
+            works.append(work)
+            ctx = plan.start[plan.can_exit] + 1
+            chunks = ~plan.can_exit
+            recs.append(dict(iteration=plan.index, kind=kind(work), batch=plan.batch_size, tokens=plan.num_batched_tokens,
+                             prompt_chunks=int(chunks.sum()), chunk_starts=" ".join(map(str, plan.start[chunks].tolist())),
+                             chunk_tokens=" ".join(map(str, plan.num_new[chunks].tolist())),
+                             max_context=int(ctx.max()) if len(ctx) else 0,
+                             decode_rows=plan.num_decode, exits=int((outcome.exit_index < spec.num_segments - 1).sum()),
+                             reach=int(work.batch_reach[0]), mean_context=float(plan.start[plan.can_exit].mean() + 1)
+                             if plan.num_decode else 0.0, measured_ms=elapsed * 1e3, predicted_ms=pred * 1e3,
+                             schedule_us=host * 1e6, error=pred / elapsed - 1, extrapolated=cost.extrapolated > 0))
     it = pd.DataFrame(recs)
     it.to_csv(out_dir / "iterations.csv", index=False)
     save_works(out_dir / "iterations_work.npz", works)
