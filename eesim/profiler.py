@@ -6,7 +6,9 @@ synthetic plans written by a real ``Scheduler`` holding sequences at chosen cont
 runs first, then ``repeats`` timed runs; median and quartiles go to the profile (profile_data.py).
 
 Components (coordinates in brackets; policy fill unless said; every decode row may exit):
-  decode     [layers, batch, context]  a decode step of ``batch`` rows at ``context`` positions each. At
+  decode     [layers, batch, context]  a decode step of ``batch`` rows at ``context`` positions on average
+             (spread evenly over context x (1 -/+ ``decode_spread``), as served batches mix contexts;
+             the same for check, check_eager, proj and recompute). At
              layers = L the full-depth rule (no check; one graph plus the final head); at an exit layer e
              a rule that forces every row out at e: the checks at every exit up to e, then the fill of
              the L - e skipped layers. (The cost model takes the checks and the fill back out.)
@@ -70,6 +72,10 @@ class ProfileGrid:
                                    "proj", "recompute")
     warmup: int = 2
     repeats: int = 7
+    # decode rows' contexts spread evenly over context x (1 -/+ decode_spread), their mean exact (served
+    # batches mix contexts, and a mixed batch runs slower than a uniform one of the same mean: up to 10%,
+    # benchmarks/decode_mix.py); 0: every row at the point's context
+    decode_spread: float = 0.75
 
     def to_meta(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -120,6 +126,16 @@ class Profiler:
         self.capacity = executor.num_blocks * executor.block_size  # KV positions the cache holds
 
     # ---- plans -----------------------------------------------------------------------------------
+    def contexts(self, ctx: int, batch: int) -> list[int]:
+        """The decode rows' contexts of a point at ``ctx``: spread evenly over ctx x (1 -/+ decode_spread),
+        within 2 .. max_context, their sum exactly ``batch * ctx`` (so the KV bytes read are the grid's)."""
+        half = min(self.grid.decode_spread * ctx, self.spec.max_context - ctx, ctx - 2)
+        if batch < 2 or half < 1:
+            return [ctx] * batch
+        values = np.rint(np.linspace(ctx - half, ctx + half, batch)).astype(np.int64)
+        values[-1] += batch * ctx - int(values.sum())
+        return values.tolist()
+
     def state(self, decode_contexts: list[int], prefill: tuple[int, int] | None = None):
         """A scheduler holding decode sequences (``ctx - 1`` positions cached at full depth, the next to
         compute) and optionally one prompt (``p`` positions cached, a chunk of ``n``); and its plan."""
@@ -308,7 +324,7 @@ class Profiler:
                 rule = "full" if layers == L else ExitAt(k)
                 ex.configure(spec, rule, "fill", "max_prob", 0.9, "model", None)
                 setting = want
-            _, plan = self.state([ctx] * batch)
+            _, plan = self.state(self.contexts(ctx, batch))
             times, work = self.time_plan(plan)
             self.record(point, times, work)
             return setting
@@ -317,7 +333,7 @@ class Profiler:
             if setting != want:
                 ex.configure(spec, NeverExit(), want[1], "max_prob", 0.9, "model", None)
                 setting = want
-            _, plan = self.state([ctx] * batch)
+            _, plan = self.state(self.contexts(ctx, batch))
             # eager: the general path, which copy_hidden and recompute take for a step that starts owing K/V
             ex.graphed_decode = comp == "check"
             try:
@@ -347,12 +363,13 @@ class Profiler:
             if setting != want:
                 ex.configure(spec, NeverExit() if checks else "full", policy, "max_prob", 0.9, "model", None)
                 setting = want
-            _, plan = self.state([ctx] * batch)
+            contexts = self.contexts(ctx, batch)
+            _, plan = self.state(contexts)
             depth = L - layers
             owed = [[] for _ in range(batch)]
             for j in range(tokens):  # owed positions spread over the rows, the most recent first
                 b = j % batch
-                owed[b].append((ctx - 2 - j // batch, depth))
+                owed[b].append((contexts[b] - 2 - j // batch, depth))
             owed = [sorted(o) for o in owed]
             times, work = self.time_plan(plan, owed)
             self.record(point, times, work)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -143,3 +144,21 @@ def test_check_points_time_their_own_path(monkeypatch):
         prof.measure((comp, SPEC.num_layers, 2, grid.check_context, 0, SPEC.num_segments - 1), None)
         assert set(paths) == {"run_decode" if comp == "check" else "run_general"}
         assert ex.graphed_decode
+
+
+@pytest.mark.parametrize("ctx,batch", [(16, 1), (16, 4), (64, 7), (512, 8), (3000, 5), (4096, 3), (3, 6)])
+def test_decode_contexts_spread_with_the_grid_mean(tmp_path, ctx, batch):
+    """Decode rows' contexts spread around the point's context (served batches mix them), every row within
+    2 .. max_context, their sum exactly batch x context (the KV bytes the grid point stands for)."""
+    from eesim.model_spec import MODEL_PRESETS
+
+    prof = make_profiler(tmp_path / "p.parquet")
+    prof.spec = MODEL_PRESETS["llama2-7b"]
+    got = prof.contexts(ctx, batch)
+    assert len(got) == batch and sum(got) == batch * ctx
+    assert min(got) >= min(ctx, 2) and max(got) <= prof.spec.max_context
+    assert got == sorted(got)
+    if batch > 1 and 4 <= ctx <= prof.spec.max_context // 2:
+        assert got[0] < ctx < got[-1]  # spread, not uniform
+    prof.grid = replace(prof.grid, decode_spread=0.0)
+    assert prof.contexts(ctx, batch) == [ctx] * batch
