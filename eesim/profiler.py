@@ -8,7 +8,7 @@ runs first, then ``repeats`` timed runs; median and quartiles go to the profile 
 Components (coordinates in brackets; policy fill unless said; every decode row may exit):
   decode     [layers, batch, context]  a decode step of ``batch`` rows at ``context`` positions on average
              (spread evenly over context x (1 -/+ ``decode_spread``), as served batches mix contexts;
-             the same for check, check_eager, proj and recompute). At
+             the same for the decode rows of check, check_eager, mixed, proj and recompute). At
              layers = L the full-depth rule (no check; one graph plus the final head); at an exit layer e
              a rule that forces every row out at e: the checks at every exit up to e, then the fill of
              the L - e skipped layers. (The cost model takes the checks and the fill back out.)
@@ -353,7 +353,7 @@ class Profiler:
             if comp == "prefill":
                 _, plan = self.state([], (ctx, tokens))
             else:
-                _, plan = self.state([ctx] * batch, (0, tokens))
+                _, plan = self.state(self.contexts(ctx, batch), (0, tokens))
             times, work = self.time_plan(plan)
             self.record(point, times, work)
             return setting
