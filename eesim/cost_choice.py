@@ -9,7 +9,7 @@ Values:
   recorded is that preset's: its name holds the preset's name as a word (``NVIDIA H100 80GB HBM3`` is
   ``h100``). A model whose exits are a subset of a preset's (the recorded trace maps exits 2/4/6 of 8
   layers to 8/16/24 of 32; llama2-7b is profiled at every 4th layer) is priced from that preset's profile
-  restricted to its exits (``profile_cost.restrict_exits``).
+  restricted to its exits (``profile_restrict.restrict_exits``).
 - ``analytical``: the analytical model.
 - ``profile``: the bundled profile; refused when there is none for the shape or it was measured on other
   hardware.

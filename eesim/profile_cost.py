@@ -21,29 +21,24 @@ iteration's work into the profiled components and adds them up:
 - host time per iteration by batch size (``include_schedule``): ``Scheduler.schedule`` and, when the
   profile measured it, the serving loop's bookkeeping after the GPU (priced as part of ``schedule``).
 
-Interpolation is multilinear in the sizes themselves over each grid (decode time is close to
-a + b B + c C + d B C, which bilinear interpolation reproduces; in log(1 + size) it overshot interior points
-by up to 15%), after a monotone envelope: the largest function at or below the measurements that is
-non-decreasing along every axis (a running minimum from the far end of each axis). So the model is
-monotone non-decreasing in each size and exact on grid points whose measurements already were, and one
-point measured too slow (the H100 profile's decode at 8 layers, batch 2, context 16: 6.27 ms with an IQR
-of 54%, beside 2.7-3.1 ms) is lowered to its larger neighbours instead of raising every larger point to
-it, as the cumulative maximum used before did. The decode grid holds each measurement less the checks
-and the fill it included (taken out point by point, before the envelope, with the checks priced against
-the full-depth measurements alone). Grid points the profiler could not measure (KV cache too small) and
-queries outside the grid are priced by the bytes/FLOPs roofline scaled to the nearest measured point;
-``extrapolated`` counts such evaluations (``extrapolated_steps`` the steps, ``extrapolated_by``
-per component: ``decode`` the steps priced from the decode table that extrapolated there, a step special
-only for its owed rows included; prompt chunks and owed rows under their own names), so a simulator can
-surface them. Every step of a work record is priced with array
-operations over its (T, S) arrays, in a number of numpy calls that does not grow with T: the decode,
-check and fill parts from dense lookup tables, the steps with a prompt chunk or owed rows (proj,
-recompute) through one batched lookup of the two-axis grids (``_GridSet``: Grid's arithmetic, for many
-grids and points at once). A record of one step (most calls: every prompt chunk, every single decode
-step) is priced on Python floats instead (``_parts1``): the same operations in the same order on the same
-tables, so the same results bit for bit, in a fifth of the time numpy calls on one-row arrays take. The
-fit evaluates the dense decode table on its mesh once per axis (``Grid.on_mesh``). ``with_policy`` shares a
-fitted model's tables between KV policies (eesim/cost_choice.py fits each profile once per process).
+Each grid is interpolated multilinearly after a monotone envelope, with the roofline outside it and at
+points the profiler could not measure (``Grid``, profile_grid.py). The decode grid holds each measurement
+less the checks and the fill it included (taken out point by point, before the envelope, with the checks
+priced against the full-depth measurements alone). ``extrapolated`` counts the evaluations priced by the
+roofline (``extrapolated_steps`` the steps, ``extrapolated_by`` per component: ``decode`` the steps priced
+from the decode table that extrapolated there, a step special only for its owed rows included; prompt chunks
+and owed rows under their own names), so a simulator can surface them. Every step of a work record is priced
+with array operations over its (T, S) arrays, in a number of numpy calls that does not grow with T: the
+decode, check and fill parts from dense lookup tables, the steps with a prompt chunk or owed rows (proj,
+recompute) through one batched lookup of the two-axis grids (``_GridSet``: Grid's arithmetic, for many grids
+and points at once). A record of one step (most calls: every prompt chunk, every single decode step) is
+priced on Python floats instead (``_parts1``): the same operations in the same order on the same tables
+(sums in numpy's order: pairwise_sum.py), so the same results bit for bit, in a fifth of the time numpy
+calls on one-row arrays take. The fit evaluates the dense decode table on its mesh once per axis
+(``Grid.on_mesh``). ``with_policy`` shares a fitted model's tables between KV policies (eesim/cost_choice.py
+fits each profile once per process). Prompt-chunk sizes (padding, recovery from the attention):
+profile_tokens.py. A profile measured at more exits than the model has: ``restrict_exits``
+(profile_restrict.py).
 """
 
 from __future__ import annotations
@@ -56,8 +51,12 @@ import numpy as np
 
 from eesim.errors import EesimError, require
 from eesim.model_spec import ModelSpec
+from eesim.pairwise_sum import _psum
 from eesim.plan import IterationWork
 from eesim.profile_data import Profile, read_profile, shape_key, shape_name
+from eesim.profile_grid import LINEAR, Grid, _grid, _GridSet, monotone_envelope  # noqa: F401  (monotone_envelope: re-exported)
+from eesim.profile_restrict import restrict_exits
+from eesim.profile_tokens import _chunk_table, _chunks_from_excess, padded_tokens
 from eesim.work import QUERY_TILE
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "traces" / "profiles"
@@ -83,305 +82,6 @@ def profile_for(model: ModelSpec, folder: str | Path = PROFILE_DIR) -> Path | No
             if path.is_file():
                 return path
     return None
-
-
-def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
-    """``profile`` (measured at its model's exits) as if measured at ``model``'s exits, a subset of them.
-
-    ProfileCostModel prices a model with exactly the profile's exits. Measurements that do not depend on
-    the exits (full-depth decode, prefill, mixed without checks, fill, proj and recompute without checks,
-    schedule, fixed) are kept as they are. Decode passes that stop at a kept exit e ran a check at every profiled exit
-    before e; the cost model takes out the checks at the model's exits before e, so the checks at the
-    dropped ones are taken out here (priced from the profile's own check grid, as the cost model does).
-    Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
-    exits at once; they are rescaled to the model's number of checks, keeping the per-check cost (proj and
-    recompute points timed with checks lose the dropped exits' checks, priced from ``check_eager``).
-    Decode points at dropped exits are removed.
-    """
-    from eesim.profile_data import spec_to_meta
-
-    pm = profile.model
-    if tuple(pm.exit_layers) == tuple(model.exit_layers):
-        return profile
-    if not set(model.exit_layers) <= set(pm.exit_layers):
-        raise EesimError(f"profile {profile.path or '(in memory)'!r}: its exits {list(pm.exit_layers)} do not include "
-                         f"the model's {list(model.exit_layers)}")
-    ref = ProfileCostModel(profile, pm, kv_policy="fill", include_schedule=False)
-    ratio = (model.num_segments - 1) / (pm.num_segments - 1)
-    f = profile.frame.copy()
-    comp = f["component"].to_numpy()
-    med = f["median_s"].to_numpy(dtype=np.float64).copy()
-    for name in ("check", "check_eager"):
-        m = comp == name
-        if m.any():
-            full = ref.g_full(f.loc[m, "batch"].to_numpy(float), f.loc[m, "context"].to_numpy(float))[0]
-            med[m] = full + (med[m] - full) * ratio
-    # owed points timed with the checks (checks > 0): their checks rescaled as the general path's are
-    owed_checked = np.isin(comp, ("proj", "recompute")) & (f["checks"].to_numpy() > 0)
-    if owed_checked.any():
-        rows_o = np.minimum(f.loc[owed_checked, "batch"].to_numpy().astype(np.int64), ref.max_rows)
-        med[owed_checked] -= (pm.num_segments - model.num_segments) * ref.chk_eager_tab[rows_o]
-    no_checks = f[(f["component"] == "mixed") & (f["checks"] == 0)].set_index(["batch", "tokens", "context"])["median_s"]
-    mixed_checked = (comp == "mixed") & (f["checks"].to_numpy() > 0)
-    for i in np.flatnonzero(mixed_checked):
-        base = no_checks.get((f["batch"].iat[i], f["tokens"].iat[i], f["context"].iat[i]), np.nan)
-        if np.isfinite(base):
-            med[i] = base + (med[i] - base) * ratio
-    L = model.num_layers
-    layers = f["layers"].to_numpy()
-    decode = comp == "decode"
-    keep = ~decode | np.isin(layers, [*model.exit_layers, L])
-    inner = decode & keep & (layers < L)
-    k_prof = {e: i for i, e in enumerate(pm.all_exits)}
-    k_model = {e: i for i, e in enumerate(model.all_exits)}
-    dropped = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[inner]], dtype=np.float64)
-    rows = np.minimum(f["batch"].to_numpy().astype(np.int64), ref.max_rows)
-    med[inner] -= dropped * ref.chk_tab[rows[inner]]
-    f["median_s"] = med
-    checks = np.isin(comp, ("check", "check_eager")) | mixed_checked | owed_checked
-    f.loc[checks, "checks"] = model.num_segments - 1
-    meta = dict(profile.meta)
-    meta["model"] = spec_to_meta(model)
-    meta["derived"] = f"exits {list(pm.exit_layers)} restricted to {list(model.exit_layers)} (restrict_exits)"
-    return Profile(f[keep].reset_index(drop=True), meta, profile.path)
-
-
-def _bracket(x: np.ndarray, ax: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Points ``x`` on one grid axis (nodes ``ax``, their coordinates ``lg``): clipped to the axis, the index
-    of the node below each and the weight of the node above (an axis of one node: index 0, weight 0)."""
-    xc = np.clip(x, ax[0], ax[-1])
-    if len(ax) == 1:
-        return xc, np.zeros(x.shape, dtype=np.int64), np.zeros(x.shape)
-    lx = _coord(xc)
-    i = np.clip(np.searchsorted(lg, lx, side="right") - 1, 0, len(ax) - 2)
-    return xc, i, np.clip((lx - lg[i]) / (lg[i + 1] - lg[i]), 0.0, 1.0)
-
-
-class Grid:
-    """Multilinear interpolation in log(1 + x) over a regular grid, monotone by a cumulative max, with
-    roofline-scaled extrapolation from the nearest measured point."""
-
-    def __init__(self, axes: list[np.ndarray], values: np.ndarray, measured: np.ndarray, roof,
-                 monotone: bool = True) -> None:
-        self.axes = [np.asarray(a, dtype=np.float64) for a in axes]
-        self.logs = [_coord(a) for a in self.axes]
-        self.roof = roof
-        values = np.array(values, dtype=np.float64)
-        measured = np.asarray(measured, dtype=bool)
-        values = _fill_missing(self.axes, values, measured, roof)
-        self.raw = values.copy()
-        if monotone:
-            values = monotone_envelope(values)
-        self.values = values
-        self.measured = measured
-
-    def __call__(self, *coords) -> tuple[np.ndarray, np.ndarray]:
-        """Values at the points (one array per axis, broadcast together) and whether each was extrapolated."""
-        coords = np.broadcast_arrays(*[np.asarray(c, dtype=np.float64) for c in coords])
-        shape = coords[0].shape
-        pts = [c.ravel() for c in coords]
-        idx, wts, clipped = [], [], []
-        outside = np.zeros(pts[0].shape, dtype=bool)
-        for x, ax, lg in zip(pts, self.axes, self.logs):
-            xc, i, w = _bracket(x, ax, lg)
-            outside |= xc != x
-            clipped.append(xc)
-            idx.append(i)
-            wts.append(w)
-        out = np.zeros(pts[0].shape)
-        unmeasured = np.zeros(pts[0].shape, dtype=bool)
-        for corner in range(1 << len(pts)):
-            w = np.ones(pts[0].shape)
-            ii = []
-            for a, (i, f) in enumerate(zip(idx, wts)):
-                up = (corner >> a) & 1
-                if up and len(self.axes[a]) == 1:
-                    w = w * 0.0
-                    ii.append(i)
-                    continue
-                w = w * (f if up else 1.0 - f)
-                ii.append(i + up)
-            ii = tuple(ii)
-            out += w * self.values[ii]
-            unmeasured |= (w > 0) & ~self.measured[ii]
-        if outside.any() and self.roof is not None:
-            o = outside
-            out[o] *= self.roof(*[p[o] for p in pts]) / self.roof(*[c[o] for c in clipped])
-        return out.reshape(shape), (outside | unmeasured).reshape(shape)
-
-    def on_mesh(self, *points) -> tuple[np.ndarray, np.ndarray]:
-        """``self(*np.meshgrid(*points, indexing="ij"))``, bit for bit: the same operations on each axis's points
-        once, then broadcast (the fit's dense tables: about a million points for a 7B shape)."""
-        n = len(points)
-        shape = tuple(len(p) for p in points)
-
-        def along(v, a):  # v as axis a of the mesh
-            return v.reshape([-1 if b == a else 1 for b in range(n)])
-
-        pts = [np.asarray(p, dtype=np.float64) for p in points]
-        idx, wts, clipped = [], [], []
-        outside = np.zeros(shape, dtype=bool)
-        for a, (x, ax, lg) in enumerate(zip(pts, self.axes, self.logs)):
-            xc, i, w = _bracket(x, ax, lg)
-            outside |= along(xc != x, a)
-            clipped.append(xc)
-            idx.append(i)
-            wts.append(w)
-        out = np.zeros(shape)
-        unmeasured = np.zeros(shape, dtype=bool)
-        holes = not self.measured.all()
-        for corner in range(1 << n):
-            w = None  # (1.0 times the first factor is that factor: __call__'s product from ones, exactly)
-            ii = []
-            for a, (i, f) in enumerate(zip(idx, wts)):
-                up = (corner >> a) & 1
-                if up and len(self.axes[a]) == 1:
-                    factor = np.zeros(len(i))
-                    ii.append(along(i, a))
-                else:
-                    factor = f if up else 1.0 - f
-                    ii.append(along(i + up, a))
-                factor = along(factor, a)
-                w = factor if w is None else w * factor
-            ii = tuple(ii)
-            out += w * self.values[ii]
-            if holes:
-                unmeasured |= (w > 0) & ~self.measured[ii]
-        if outside.any() and self.roof is not None:
-            o = outside
-            out[o] *= (self.roof(*[np.broadcast_to(along(p, a), shape)[o] for a, p in enumerate(pts)])
-                       / self.roof(*[np.broadcast_to(along(c, a), shape)[o] for a, c in enumerate(clipped)]))
-        return out, outside | unmeasured
-
-
-LINEAR = True
-
-
-def _coord(x):
-    """The coordinate the grids interpolate in: the size itself (see the module docstring)."""
-    return np.asarray(x, dtype=np.float64) if LINEAR else np.log1p(x)
-
-
-def monotone_envelope(values: np.ndarray) -> np.ndarray:
-    """The largest function at or below ``values`` that is non-decreasing along every axis: a running minimum
-    from the far end of each axis. It leaves values that already were monotone as they are, and it is robust to
-    the error timings mostly have, a point measured too slow (a stall, a clock dip, host jitter during the
-    repeats): such a point is lowered to what the larger configurations beyond it measured, instead of (a
-    running maximum's way) raising every larger configuration to it."""
-    for axis in range(values.ndim):
-        values = np.flip(np.minimum.accumulate(np.flip(values, axis=axis), axis=axis), axis=axis)
-    return values
-
-
-def _fill_missing(axes, values, measured, roof):
-    """Unmeasured points: the roofline scaled from the nearest measured point (in index distance)."""
-    if measured.all():
-        return values
-    require(measured.any(), "profile: a component grid has no measured point")
-    have = np.argwhere(measured)
-    for miss in np.argwhere(~measured):
-        near = have[np.argmin(np.abs(have - miss).sum(axis=1))]
-        src = [axes[a][near[a]] for a in range(len(axes))]
-        dst = [axes[a][miss[a]] for a in range(len(axes))]
-        scale = 1.0 if roof is None else float(roof(*[np.array([v]) for v in dst])[0] / roof(*[np.array([v]) for v in src])[0])
-        values[tuple(miss)] = values[tuple(near)] * scale
-    return values
-
-
-def _grid(frame, axes_cols: list[str], roof) -> Grid:
-    axes = [np.unique(frame[c].to_numpy()) for c in axes_cols]
-    values = np.zeros([len(a) for a in axes])
-    measured = np.zeros(values.shape, dtype=bool)
-    index = tuple(np.searchsorted(a, frame[c].to_numpy()) for a, c in zip(axes, axes_cols))
-    values[index] = frame["median_s"].to_numpy()
-    measured[index] = True
-    return Grid(axes, values, measured, roof)
-
-
-class _GridSet:
-    """Two-axis Grids looked up together: one batch of points (Q, 2), each naming its grid (``gid``), priced
-    as ``Grid.__call__`` prices them (clip to the grid, multilinear weights in log(1 + x), the roofline
-    ratio outside, unmeasured corners flagged) in a fixed number of numpy operations whatever the batch.
-
-    An axis of one point is padded to two (a copy of its values, always weighted 0). The cell of a point
-    on an axis is the number of that axis's interior nodes at or below it (Grid's ``searchsorted`` less
-    one, clipped), counted against the nodes padded with +inf."""
-
-    def __init__(self, grids: list[Grid]) -> None:
-        self.grids = grids
-        G = len(grids)
-        width = max(1, max(len(a) - 2 for g in grids for a in g.axes))
-        self.inner = np.full((G, 2, width), np.inf)
-        self.lo = np.zeros((G, 2))
-        self.hi = np.zeros((G, 2))
-        self.starts = np.zeros((G, 2), dtype=np.int64)  # where each grid's axes begin in logs / steps
-        self.offset = np.zeros(G, dtype=np.int64)  # where each grid's cells begin in corners
-        self.stride = np.zeros(G, dtype=np.int64)  # cells along axis 1
-        logs, steps, corners, unmeasured = [], [], [], []
-        pos = flat = 0
-        for a in range(2):
-            for g, grid in enumerate(grids):
-                require(len(grid.axes) == 2, "profile: _GridSet takes two-axis grids")
-                lg = grid.logs[a]
-                if len(lg) == 1:
-                    lg = np.array([lg[0], lg[0] + 1.0])
-                self.lo[g, a], self.hi[g, a] = grid.axes[a][0], grid.axes[a][-1]
-                self.inner[g, a, :len(lg) - 2] = lg[1:-1]
-                self.starts[g, a] = pos
-                logs.append(lg[:-1])
-                steps.append(lg[1:] - lg[:-1])
-                pos += len(lg) - 1
-        for g, grid in enumerate(grids):
-            values, measured = grid.values, grid.measured
-            for a in range(2):
-                if values.shape[a] == 1:
-                    values = np.concatenate([values, values], axis=a)
-                    measured = np.concatenate([measured, measured], axis=a)
-            n0, n1 = values.shape[0] - 1, values.shape[1] - 1
-            self.offset[g], self.stride[g] = flat, n1
-            # the corners of cell (i, j): [[v(i, j), v(i, j+1)], [v(i+1, j), v(i+1, j+1)]]
-            corners.append(np.stack([np.stack([values[:-1, :-1], values[:-1, 1:]], -1),
-                                     np.stack([values[1:, :-1], values[1:, 1:]], -1)], -2).reshape(-1, 2, 2))
-            u = ~measured
-            unmeasured.append(np.stack([np.stack([u[:-1, :-1], u[:-1, 1:]], -1),
-                                        np.stack([u[1:, :-1], u[1:, 1:]], -1)], -2).reshape(-1, 2, 2))
-            flat += n0 * n1
-        self.logs = np.concatenate(logs)
-        self.steps = np.concatenate(steps)
-        self.corners = np.concatenate(corners)
-        self.unmeasured = np.concatenate(unmeasured)
-        self.any_unmeasured = bool(self.unmeasured.any())
-
-    def __call__(self, gid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Values at the points ``x`` (Q, 2) of grids ``gid`` (Q,), and whether each was extrapolated."""
-        c = np.minimum(np.maximum(x, self.lo[gid]), self.hi[gid])
-        lx = _coord(c)
-        i = (self.inner[gid] <= lx[:, :, None]).sum(axis=2)
-        b = i + self.starts[gid]
-        f = (lx - self.logs[b]) / self.steps[b]  # in [0, 1]: lx lies in its cell
-        g = 1.0 - f
-        v = self.corners[i[:, 0] * self.stride[gid] + i[:, 1] + self.offset[gid]]  # (Q, 2, 2)
-        f1, g1 = f[:, 1:], g[:, 1:]
-        along = v[:, :, 0] * g1 + v[:, :, 1] * f1  # along axis 1, at both nodes of axis 0
-        out = along[:, 0] * g[:, 0] + along[:, 1] * f[:, 0]
-        clipped = c != x
-        if self.any_unmeasured:
-            u = self.unmeasured[i[:, 0] * self.stride[gid] + i[:, 1] + self.offset[gid]]
-            w = np.stack([g > 0, f > 0], axis=1)  # (Q, lower/upper node, axis): weight > 0
-            flag = clipped.any(axis=1) | (u & w[:, :, None, 0] & w[:, None, :, 1]).any(axis=(1, 2))
-        elif clipped.any():
-            flag = clipped.any(axis=1)
-        else:
-            return out, clipped[:, 0]
-        outside = clipped.any(axis=1)
-        if outside.any():
-            for k in np.unique(gid[outside]).tolist():
-                o = outside & (gid == k)
-                roof = self.grids[k].roof
-                if roof is not None:
-                    out[o] *= roof(x[o, 0], x[o, 1]) / roof(c[o, 0], c[o, 1])
-        return out, flag
-
 
 class ProfileCostModel:
     """CostModel from a profile: see the module docstring."""
@@ -1118,81 +818,3 @@ class ProfileCostModel:
         other._set_policy(kv_policy)
         other.reset_counters()
         return other
-
-
-def _psum_pairwise(values: list[float]) -> float:
-    """The sum numpy's ``add.reduce`` computes over a contiguous row (its pairwise summation: eight running sums
-    for up to 128 values, halves above), so that a step priced on Python floats equals the same step priced
-    in an array, bit for bit."""
-    n = len(values)
-    if n < 8:
-        total = 0.0
-        for v in values:
-            total += v
-        return total
-    if n > 128:
-        half = n // 2
-        half -= half % 8
-        return _psum_pairwise(values[:half]) + _psum_pairwise(values[half:])
-    r = values[:8]
-    i, stop = 8, n - n % 8
-    while i < stop:
-        for j in range(8):
-            r[j] += values[i + j]
-        i += 8
-    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < n:
-        total += values[i]
-        i += 1
-    return total
-
-
-def _psum_numpy(values: list[float]) -> float:
-    return float(np.add.reduce(np.array(values, dtype=np.float64)))
-
-
-def _pick_psum():
-    """_psum_pairwise where it reproduces this numpy's row sums on values that tell summation orders apart,
-    else numpy itself (slower, as exact)."""
-    rng = np.random.default_rng(0)
-    for n in (*range(1, 20), 31, 64, 127, 128, 129, 200, 300):
-        rows = rng.choice([1e16, -1e16, 1.0, 3.3, 1e-3, 7e15], size=(4, n)) * rng.random((4, n))
-        want = np.add.reduce(rows, axis=1)
-        if any(_psum_pairwise(row) != w for row, w in zip(rows.tolist(), want.tolist())):
-            return _psum_numpy
-    return _psum_pairwise
-
-
-_psum = _pick_psum()
-
-
-def _chunk_table(rows: int) -> np.ndarray:
-    """Running maximum over n = 0..rows of f(n) = n (n + 1) / 2 - n ceil(n / 128): the attention a chunk of n
-    tokens starting a prompt does beyond its KV reads."""
-    n = np.arange(rows + 1)
-    return np.maximum.accumulate(n * (n + 1) / 2 - n * (-(-n // QUERY_TILE)))
-
-
-def padded_tokens(n, rule: dict | None):
-    """Chunk tokens (or decode rows) as the executor ran them: padded by ``rule`` (profile metadata
-    ``chunk_padding`` or ``decode_padding``: a power of two, at least ``min``, up to ``pow2_until``, then a
-    multiple of ``step``; no ``step``: powers of two throughout), or ``n`` itself without a rule (profiles of
-    an unpadded executor)."""
-    if not rule:
-        return n
-    least, step, until = rule.get("min", 1), rule.get("step"), rule.get("pow2_until", np.inf)
-    if not isinstance(n, np.ndarray):  # one chunk (the per-step path): integers, no numpy calls
-        k = max(int(n), 1)
-        return float(-(-k // step) * step if step and k > until else max(least, 1 << (k - 1).bit_length()))
-    p2 = np.maximum(float(least), np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)))))
-    return p2 if not step else np.where(n <= until, p2, np.ceil(n / step) * step)
-
-
-def _chunks_from_excess(excess: np.ndarray, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Tokens n of chunks starting a prompt whose attention exceeds their KV reads by ``excess`` (> 0.5), at
-    most ``rows`` (at least 2): the least n with f(n) >= excess, searched upwards from
-    max(floor(sqrt(2 excess)), 2) and stopped at ``rows``. (f is below excess everywhere before that start,
-    so the least n of the running maximum is the one the upward search finds; ``table`` covers ``rows``.)"""
-    start = np.maximum(np.sqrt(2.0 * excess).astype(np.int64), 2)
-    first = np.searchsorted(table, excess, side="left")
-    return np.minimum(np.maximum(start, np.minimum(first, rows)), np.maximum(rows, 2))

@@ -219,7 +219,7 @@ def _chunk_loop(excess, rows):
 
 
 def test_chunks_from_excess_matches_search():
-    from eesim.profile_cost import _chunk_table, _chunks_from_excess
+    from eesim.profile_tokens import _chunk_table, _chunks_from_excess
 
     rng = np.random.default_rng(5)
     n = np.arange(2, 3000)
@@ -364,7 +364,7 @@ def test_one_step_path_equals_the_array_path_bit_for_bit(profile_path, tmp_path,
 
 
 def test_pairwise_sum_is_numpys():
-    from eesim.profile_cost import _psum
+    from eesim.pairwise_sum import _psum
 
     rng = np.random.default_rng(2)
     rows = rng.choice([1e16, -1e16, 1.0, 3.3, 1e-3], size=(50, 9)) * rng.random((50, 9))
