@@ -364,6 +364,8 @@ class Profiler:
                 ex.configure(spec, NeverExit() if checks else "full", policy, "max_prob", 0.9, "model", None)
                 setting = want
             contexts = self.contexts(ctx, batch)
+            if min(contexts) - 2 - (tokens - 1) // batch < 0:  # the shortest row cannot hold its owed positions
+                contexts = [ctx] * batch
             _, plan = self.state(contexts)
             depth = L - layers
             owed = [[] for _ in range(batch)]
