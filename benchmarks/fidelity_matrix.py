@@ -36,7 +36,7 @@ from eesim.policies import measure  # noqa: E402
 from eesim.policies.thresholds import parse_threshold  # noqa: E402
 from eesim.scheduler import SchedulerConfig  # noqa: E402
 from eesim.validate import validate  # noqa: E402
-from eesim.workload import load_workload  # noqa: E402
+from eesim.workload import Workload, load_workload  # noqa: E402
 
 PAIRS = [("full", "fill")] + [(r, k) for r in ("all_confident", "per_sequence", "quorum")
                               for k in ("fill", "copy_hidden", "recompute")]
@@ -49,6 +49,12 @@ def matrix_config(model_name: str, num_blocks: int) -> SimConfig:
     meas = measure("max_prob")
     return SimConfig(model, hardware_preset("h100"), trace, measure=meas, threshold=parse_threshold("0.9", meas),
                      scheduler=SchedulerConfig(256, 2048, 16, num_blocks), seed=0)
+
+
+def matrix_workload(rate: float, duration: float, model) -> Workload:
+    """The matrix's workload at ``rate`` requests/s for ``duration`` s of arrivals (Poisson, code-service lengths,
+    seed 0), clipped to the model's context."""
+    return load_workload(f"poisson:rate={rate},duration={duration}", seed=0).clip(model.max_context)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         warm = [("full", "fill"), ("all_confident", "fill"), ("per_sequence", "copy_hidden"),
                 ("per_sequence", "recompute")]
         for _, rate in loads:
-            workload, _ = load_workload(f"poisson:rate={rate},duration={args.duration}", seed=0).clip(model.max_context)
+            workload = matrix_workload(rate, args.duration, model)
             for rule, kv in warm[: 2 if args.warmup == 1 else len(warm)]:
                 executor.configure(model, rule, kv, meas, base.threshold, "replay", trace)
                 serve(workload, replace(base, exit_rule=rule, kv_policy=kv), executor, realtime=True)
         print(f"warm-up: {time.perf_counter() - started:.1f} s", flush=True)
     for load, rate in loads:
-        workload, _ = load_workload(f"poisson:rate={rate},duration={args.duration}", seed=0).clip(model.max_context)
+        workload = matrix_workload(rate, args.duration, model)
         for rule, kv in pairs:
             if time.perf_counter() - started > args.time_limit:
                 print(f"time limit: skipped {load} {rule}+{kv}")

@@ -26,12 +26,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity_matrix import matrix_config  # noqa: E402
+from fidelity_matrix import matrix_config, matrix_workload  # noqa: E402
 
 from eesim.cost_choice import resolve_cost_model  # noqa: E402
 from eesim.metrics import IterationLog  # noqa: E402
 from eesim.scheduler import Scheduler  # noqa: E402
-from eesim.workload import load_workload  # noqa: E402
 
 
 def timed_phases(records: list[dict]):
@@ -70,16 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from eesim.gpu.serve import build_executor, serve
-    from eesim.validate import prepare_graphs
+    from eesim.validate import warm_up
 
     rule, kv = args.pair.split("+")
     config = replace(matrix_config("llama2-7b", args.num_blocks), exit_rule=rule, kv_policy=kv,
                      cost_model=args.profile)
-    workload, _ = load_workload(f"poisson:rate={args.rate},duration={args.duration}", seed=0).clip(
-        config.model.max_context)
+    workload = matrix_workload(args.rate, args.duration, config.model)
     executor = build_executor(config, "replay", args.num_blocks)
-    prepare_graphs(workload, config, executor)
-    serve(workload, config, executor, realtime=True)  # the warm-up pass validate runs
+    warm_up(workload, config, executor)  # as validate does
 
     records: list[dict] = []
     wrap, saved = timed_phases(records)

@@ -17,6 +17,7 @@ import numpy as np
 
 from eesim.hardware import HardwareSpec
 from eesim.model_spec import ModelSpec
+from eesim.pairwise_sum import _psum
 from eesim.plan import IterationWork
 
 
@@ -87,8 +88,7 @@ class AnalyticalCostModel:
         head_seconds, head_row_seconds = self.head_seconds, self.head_row_seconds
         heads = [max(head_seconds * (rows > 0), rows * head_row_seconds) for rows in work.logit_rows[0].tolist()]
         # numpy's pairwise summation, as over a row of the (T, S) arrays: not Python's left-to-right sum
-        segment_total, heads_total = np.add.reduce(np.array([segment, heads]), axis=1).tolist()
-        return segment_total + heads_total + (self.fixed + work.syncs.item(0) * self.sync)
+        return _psum(segment) + _psum(heads) + (self.fixed + work.syncs.item(0) * self.sync)
 
     def iteration_time(self, work: IterationWork) -> np.ndarray:
         if len(work.syncs) == 1:

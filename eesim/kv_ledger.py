@@ -100,19 +100,15 @@ class KVLedger:
         elif depth < self.num_layers:
             self._owed[seq_id].extend(range(start, end))
 
-    def record_rows(self, seq_ids: list[int], starts: list[int], counts: list[int], depth: int) -> None:
-        """``record`` for every row of a pass, all through the same ``depth``: one call per iteration. In
-        the common case, a complete sequence computed to full depth, only its length moves."""
-        if depth < self.num_layers:
-            for seq_id, start, count in zip(seq_ids, starts, counts):
-                self.record(seq_id, start, count, depth)
-            return
+    def record_full_depth(self, seq_ids: list[int], starts: list[int], counts: list[int]) -> None:
+        """``record`` at full depth for every row of a pass: one call per iteration. In the common case, a
+        sequence with every position at full depth, only its length moves."""
         per_position, length = self._depth, self._length
         for seq_id, start, count in zip(seq_ids, starts, counts):
             if per_position[seq_id] is None:
                 length[seq_id] = start + count
             else:
-                self.record(seq_id, start, count, depth)
+                self.record(seq_id, start, count, self.num_layers)
 
     def settle(self, seq_id: int, target: int) -> list[tuple[int, int]]:
         """Owed positions below ``target`` now have K/V up to it. Returns (position, old depth) settled."""

@@ -54,7 +54,7 @@ from eesim.model_spec import ModelSpec
 from eesim.pairwise_sum import _psum
 from eesim.plan import IterationWork
 from eesim.profile_data import Profile, read_profile, shape_key, shape_name
-from eesim.profile_grid import LINEAR, Grid, _grid, _GridSet, monotone_envelope  # noqa: F401  (monotone_envelope: re-exported)
+from eesim.profile_grid import LINEAR, Grid, _grid, _GridSet
 from eesim.profile_restrict import restrict_exits
 from eesim.profile_tokens import _chunk_table, _chunks_from_excess, padded_tokens
 from eesim.work import QUERY_TILE

@@ -1,5 +1,5 @@
-"""Prompt-chunk sizes for the profile-backed cost model (profile_cost.py): the tokens the executor ran for a
-chunk (``padded_tokens``), and the tokens of a chunk starting a prompt recovered from its attention beyond
+"""Prompt-chunk sizes for the profile-backed cost model (profile_cost.py): the padding rule the executor
+and the cost model share (``bucket``), the tokens the executor ran for a chunk (``padded_tokens``), and the tokens of a chunk starting a prompt recovered from its attention beyond
 its KV reads (``_chunk_table``, ``_chunks_from_excess``)."""
 
 from __future__ import annotations
@@ -16,6 +16,19 @@ def _chunk_table(rows: int) -> np.ndarray:
     return np.maximum.accumulate(n * (n + 1) / 2 - n * (-(-n // QUERY_TILE)))
 
 
+def bucket(n: int, rule: dict) -> int:
+    """``n`` (rows or tokens, > 0) padded by ``rule``: a power of two, at least ``min``, up to ``pow2_until``,
+    then a multiple of ``step`` (no ``step``: powers of two throughout); 0 for ``n`` <= 0. The executor's
+    decode batches (``gpu.batch.row_bucket``) and prompt chunks (``gpu.mixed_graphs.token_bucket``) pad so."""
+    n = int(n)
+    if n <= 0:
+        return 0
+    step, until = rule.get("step"), rule.get("pow2_until")
+    if step and until is not None and n > until:
+        return -(-n // step) * step
+    return max(rule.get("min", 1), 1 << (n - 1).bit_length())
+
+
 def padded_tokens(n, rule: dict | None):
     """Chunk tokens (or decode rows) as the executor ran them: padded by ``rule`` (profile metadata
     ``chunk_padding`` or ``decode_padding``: a power of two, at least ``min``, up to ``pow2_until``, then a
@@ -23,10 +36,9 @@ def padded_tokens(n, rule: dict | None):
     an unpadded executor)."""
     if not rule:
         return n
-    least, step, until = rule.get("min", 1), rule.get("step"), rule.get("pow2_until", np.inf)
     if not isinstance(n, np.ndarray):  # one chunk (the per-step path): integers, no numpy calls
-        k = max(int(n), 1)
-        return float(-(-k // step) * step if step and k > until else max(least, 1 << (k - 1).bit_length()))
+        return float(bucket(max(int(n), 1), rule))
+    least, step, until = rule.get("min", 1), rule.get("step"), rule.get("pow2_until", np.inf)
     p2 = np.maximum(float(least), np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)))))
     return p2 if not step else np.where(n <= until, p2, np.ceil(n / step) * step)
 

@@ -200,7 +200,7 @@ class Scheduler:
         counts = [steps] * len(seqs) if steps > 1 else plan.num_new.tolist()  # a run: one position per step
         if self.policy.settle == "iteration_end":
             # early exits are settled this iteration: every position computed is at full depth
-            ledger.record_rows([seq.seq_id for seq in seqs], starts, counts, num_layers)
+            ledger.record_full_depth([seq.seq_id for seq in seqs], starts, counts)
         else:
             batch_layer = int(self._exit_layer_array[outcome.work.batch_reach[0]])
             for seq, start, count, own_layer in zip(seqs, starts, counts, exit_layers[0].tolist()):

@@ -56,21 +56,27 @@ def prepare_graphs(workload: Workload, config: SimConfig, executor) -> int:
     return executor.capture_graphs(rows, min(longest, config.model.max_context), chunk)
 
 
-def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None,
-             warmups: int = 3) -> tuple[pd.DataFrame, SimResult, SimResult]:
-    """Measure ``workload`` on ``executor`` in real time and simulate it; returns (errors, measured,
-    simulated). Before the timed pass: the decode graphs captured up front, then untimed real-time passes,
-    at most ``warmups``, until one captures no graph."""
+def warm_up(workload: Workload, config: SimConfig, executor, warmups: int = 3) -> None:
+    """What runs untimed before a timed pass: the graphs ``workload`` can need captured up front
+    (``prepare_graphs``), then real-time passes, at most ``warmups``, until one captures no graph."""
     from eesim.gpu.serve import serve
-    from eesim.simulator import simulate
 
-    # Untimed: graph captures and compilation happen here: every decode shape the workload can reach up
-    # front, then one real-time pass, so that the batches (and with them the prompt-chunk graphs' shapes)
-    # are those the timed pass will see; a capture in the timed pass would stall it for a whole model pass.
+    # graph captures and compilation happen here, so that the batches (and with them the prompt-chunk graphs'
+    # shapes) are those the timed pass will see; a capture in the timed pass would stall it for a model pass
     prepare_graphs(workload, config, executor)
     for _ in range(warmups):  # until a pass meets no new shape (kernels compiled, graphs captured)
         if not serve(workload, config, executor, realtime=True).summary.get("graph_captures", 0):
             break
+
+
+def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None,
+             warmups: int = 3) -> tuple[pd.DataFrame, SimResult, SimResult]:
+    """Measure ``workload`` on ``executor`` in real time and simulate it; returns (errors, measured,
+    simulated). Before the timed pass, ``warm_up``."""
+    from eesim.gpu.serve import serve
+    from eesim.simulator import simulate
+
+    warm_up(workload, config, executor, warmups)
     measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)

@@ -515,3 +515,18 @@ def test_restricted_owed_points_lose_the_dropped_exits_checks(tmp_path):
         after = narrow[narrow.component == comp].set_index(["layers", "tokens"])
         assert (after["checks"] == SPEC.num_segments - 1).all()
         np.testing.assert_allclose(after["median_s"], before.loc[after.index] - per_check, rtol=1e-9)
+
+
+@pytest.mark.parametrize("exits", [(8, 16, 24), tuple(range(4, 32, 4))])
+def test_analytical_one_step_path_equals_the_array_path_bit_for_bit(exits):
+    """The analytical model prices a one-step record on Python floats (``_one_step_time``): the same numbers, bit
+    for bit, as its array path over the same steps of a longer record."""
+    from eesim.cost_model import AnalyticalCostModel
+    from eesim.hardware import HARDWARE_PRESETS
+
+    spec = MODEL_PRESETS["llama2-7b"].with_exits(exits)
+    model = AnalyticalCostModel(spec, HARDWARE_PRESETS["h100"])
+    work = _mixed_record(np.random.default_rng(5), spec, 200)
+    whole = model.iteration_time(work)  # the array path (more than one step)
+    for t in range(200):
+        assert model.iteration_time(work.step(t)).tolist() == [whole[t]], t

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eesim.profile_tokens import bucket
+
 # Block tables are padded to a multiple of this many blocks, so that graphs are reused as contexts grow.
 WIDTH_QUANTUM = 32
 # Decode rows are padded, as serving engines pad to their captured batch sizes: powers of two up to
@@ -32,9 +34,7 @@ DECODE_PADDING = {"pow2_until": 8, "step": 8}
 
 def row_bucket(n: int) -> int:
     """Rows a decode batch of ``n`` rows runs as."""
-    if n <= DECODE_PADDING["pow2_until"]:
-        return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
-    return -(-int(n) // DECODE_PADDING["step"]) * DECODE_PADDING["step"]
+    return bucket(n, DECODE_PADDING)
 
 
 @dataclass

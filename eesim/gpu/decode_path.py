@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from eesim.plan import IterationPlan
+from eesim.work import settle_target
 
 
 def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,8 +106,9 @@ def _settle_exits(ex, h: Tensor, rows: np.ndarray, layer: np.ndarray, pos: np.nd
     copy_hidden (batch_pass) for the layers the rest of the batch ran in this pass (up to ``reach``), as
     its entries ride along there; recompute (own_pass) runs nothing now. Whatever is still owed keeps its
     exit state in the hidden pool, by KV slot, for a later pass."""
-    policy, L = ex.policy, ex.spec.num_layers
-    end = L if policy.settle == "iteration_end" else reach if policy.settle == "batch_pass" else 0
+    L = ex.spec.num_layers
+    # the policy's settle target (own_pass: each row's own exit layer, where it already is: 0 stands for it)
+    end = settle_target(ex.policy, 0, reach, L)
     if end > int(layer.min()):  # one fused launch for every layer to project
         ex.project_kv(h, layer, pos[rows], slots[rows], end)
     owed = np.maximum(layer, end) < L

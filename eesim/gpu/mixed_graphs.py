@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from eesim.gpu.batch import LayerMeta
+from eesim.profile_tokens import bucket
 
 MIN_CHUNKS = 8  # prompt chunks per padded shape, at least (empty chunks cost nothing)
 
@@ -40,8 +41,7 @@ TOKEN_PADDING = {"min": 16, "pow2_until": 256, "step": 128}
 
 
 def token_bucket(n: int) -> int:
-    return pow2(n, TOKEN_PADDING["min"]) if n <= TOKEN_PADDING["pow2_until"] else \
-        -(-int(n) // TOKEN_PADDING["step"]) * TOKEN_PADDING["step"]
+    return bucket(n, TOKEN_PADDING)
 
 
 class _Shape:
@@ -112,13 +112,17 @@ class MixedGraphs:
 
     def prepare(self, a: dict) -> _Shape:
         """The padded shape for metadata arrays ``a`` (from general_path), with the metadata staged."""
-        p, width = a["num_paged"], self.width
-        key = (pow2(p), token_bucket(a["num_chunk_rows"]), max(MIN_CHUNKS, pow2(len(a["cu"]) - 1)), width if p else 0,
-               width, pow2(len(a["proj"]), 16))
+        shape = self._shape(pow2(a["num_paged"]), token_bucket(a["num_chunk_rows"]),
+                            max(MIN_CHUNKS, pow2(len(a["cu"]) - 1)), pow2(len(a["proj"]), 16))
+        shape.stage(a)
+        return shape
+
+    def _shape(self, P: int, T: int, C: int, M: int) -> _Shape:
+        """The padded shape of ``P`` decode rows, ``T`` chunk tokens, ``C`` chunks, ``M`` projected entries."""
+        key = (P, T, C, self.width if P else 0, self.width, M)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = _Shape(self.ex, *key)
-        shape.stage(a)
         return shape
 
     def capture(self, P: int, T: int, stretches: list[tuple[int, int]], M: int = 0) -> int:
@@ -126,10 +130,7 @@ class MixedGraphs:
         entries and ``MIN_CHUNKS`` chunks for each ``(lo, hi)`` stretch, from metadata of padding only
         (nothing written to the cache), so that no iteration of that shape stalls on a capture. Returns the
         captures."""
-        key = (P, T, MIN_CHUNKS, self.width if P else 0, self.width, M)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = _Shape(self.ex, *key)
+        shape = self._shape(P, T, MIN_CHUNKS, M)
         none = np.zeros(0, dtype=np.int64)
         shape.stage({"num_paged": 0, "num_chunk_rows": 0, "cu": np.zeros(1, np.int64), "proj": none,
                      "positions": none, "slots": none, "proj_positions": none, "context": none,
