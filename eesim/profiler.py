@@ -379,21 +379,12 @@ class Profiler:
         raise EesimError(f"profile: unknown component {comp!r}")
 
     def _fill_call(self, rows: int, exit_layer: int):
-        from eesim.kernels import fused_fill
-
         torch, ex, spec = self.torch, self.ex, self.spec
-        dev = ex.device
-        h = torch.randn(rows, spec.hidden_size, device=dev, dtype=ex.dtype)
+        h = torch.randn(rows, spec.hidden_size, device=ex.device, dtype=ex.dtype)
         layer = np.full(rows, exit_layer)
         pos = np.arange(rows) % max(spec.max_context - 1, 1)
         slots = np.arange(rows) % self.capacity
-        w = ex.weights
-
-        def call():
-            ints = torch.as_tensor(np.stack([layer, pos, slots]), device=dev)  # one copy, as the executor does
-            fused_fill(h, ints[0].to(torch.int32), ints[1], ints[2], w.ln1, w.wk, w.wv, ex.eps, ex.cos, ex.sin,
-                       ex.k_cache, ex.v_cache, backend=ex.backend)
-        return call
+        return lambda: ex._fill_graphs.run(h, layer, pos, slots, spec.num_layers)  # as the executor launches it
 
 
 # ---- set-up --------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_rotary_ref_matches_hf_rotate_half():
 
 def fill_inputs(n, hidden, num_layers, kv_heads, head_dim, dtype, seed=0):
     g = gen(seed)
-    num_blocks = 4
+    num_blocks = max(4, -(-n // BLOCK_SIZE) + 1)  # a distinct slot per token
     h = torch.randn(n, hidden, generator=g).to(dtype)
     exit_layer = torch.randint(0, num_layers + 1, (n,), generator=g).to(torch.int32)
     exit_layer[0], exit_layer[-1] = 0, num_layers  # all layers skipped / none skipped
@@ -279,6 +279,45 @@ def test_fused_fill_no_skipped_layers_is_noop():
     kc0, vc0 = kc.clone(), vc.clone()
     fused_fill(**args, k_cache=kc, v_cache=vc, backend="triton")
     assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,kv_heads,head_dim,exit_layer", [(96, 2, 64, 0), (130, 1, 128, 1), (1024, 2, 64, 2)])
+def test_fused_fill_one_token_streams_like_the_skinny_gemm(dtype, hidden, kv_heads, head_dim, exit_layer):
+    """One exited token takes the elementwise path (no tl.dot); int32 indices, as the executor stages
+    them, and a first_layer at the token's exit (the launch skips the layers below)."""
+    num_layers = 4
+    args, shape = fill_inputs(1, hidden, num_layers, kv_heads, head_dim, dtype, seed=hidden)
+    args["exit_layer"][:] = exit_layer
+    args["positions"] = args["positions"].to(torch.int32)
+    args["slot"] = args["slot"].to(torch.int32)
+    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    fused_fill(**args, k_cache=kc, v_cache=vc, first_layer=exit_layer, backend="triton")
+    fused_fill_ref(**args, k_cache=kc_ref, v_cache=vc_ref)
+    assert not kc[exit_layer:].view(num_layers - exit_layer, -1, kv_heads * head_dim).isnan().all(-1).all(-1).any()
+    torch.testing.assert_close(kc.float(), kc_ref.float(), equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(vc.float(), vc_ref.float(), equal_nan=True, **TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [40, 70])
+def test_fused_fill_wide_token_tiles_and_first_layer(n):
+    """Tokens share one wide tile (the configurations above 16 and above 64 tokens); first_layer at the
+    lowest exit leaves the layers below it alone."""
+    hidden, num_layers, kv_heads, head_dim = 64, 4, 1, 64
+    args, shape = fill_inputs(n, hidden, num_layers, kv_heads, head_dim, torch.float32, seed=5)
+    args["exit_layer"] = args["exit_layer"].clamp(min=1)
+    kc = torch.full(shape, float("nan"), device=DEVICE)
+    vc = torch.full(shape, float("nan"), device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    fused_fill(**args, k_cache=kc, v_cache=vc, first_layer=1, backend="triton")
+    fused_fill_ref(**args, k_cache=kc_ref, v_cache=vc_ref)
+    assert kc[0].isnan().all() and vc[0].isnan().all()
+    torch.testing.assert_close(kc, kc_ref, equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(vc, vc_ref, equal_nan=True, **TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------------ rmsnorm, rotary

@@ -5,8 +5,8 @@ when the iteration starts, but fill's): ``batch.MetaStager`` ships the rows' met
 ``segments.SegmentGraphs`` runs each stretch between exits checked (the whole depth when none is) as
 one CUDA graph with the exit's head and confidence, or the final head, inside. After each check the
 host reads the confidences (a few bytes), the rule decides, and the batch shrinks by the rows that
-left; ``_settle_exits`` then does what the KV policy asks of them in one ``fused_fill`` launch (fill: every
-layer skipped; copy_hidden: the layers the rest of the batch ran) and keeps the exit states of what is
+left; ``_settle_exits`` then does what the KV policy asks of them in one ``fused_fill`` launch, replayed
+from a CUDA graph (``fill_graphs``; fill: every layer skipped; copy_hidden: the layers the rest of the batch ran) and keeps the exit states of what is
 still owed in the hidden pool (copy_hidden past the pass's reach, recompute).
 """
 
@@ -73,10 +73,13 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         leave_rows = active[leave_local]
         exit_index[leave_rows] = s
         forced[leave_rows] = ~conf[leave_rows]
-        leave_t = torch.as_tensor(leave_local, device=dev)
-        h_exit = out.x[leave_t]
-        tok = out.token[leave_t] if out.token is not None else \
-            ex._exit_logits(ex._model_exit[s], h_exit).argmax(-1)
+        if len(leave_local) == len(active):  # the whole batch leaves: no gathers
+            h_exit, tok = out.x, out.token
+        else:
+            leave_t = torch.as_tensor(leave_local, device=dev)
+            h_exit, tok = out.x[leave_t], (out.token[leave_t] if out.token is not None else None)
+        if tok is None:
+            tok = ex._exit_logits(ex._model_exit[s], h_exit).argmax(-1)
         pending.append((leave_rows, tok))
         fill_h.append(h_exit)
         fill_rows.append(leave_rows)
@@ -91,11 +94,11 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         graphs.set_x(x_keep, meta)
 
     if fill_h:
-        _settle_exits(ex, torch.cat(fill_h), np.concatenate(fill_rows),
+        _settle_exits(ex, fill_h[0] if len(fill_h) == 1 else torch.cat(fill_h), np.concatenate(fill_rows),
                       np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)]), pos, slots, reach)
     if pending:
         rows = np.concatenate([r for r, _ in pending])
-        tokens[rows] = torch.cat([t for _, t in pending]).cpu().numpy()
+        tokens[rows] = (pending[0][1] if len(pending) == 1 else torch.cat([t for _, t in pending])).cpu().numpy()
     return exit_index, forced, tokens
 
 
@@ -110,7 +113,7 @@ def _settle_exits(ex, h: Tensor, rows: np.ndarray, layer: np.ndarray, pos: np.nd
     # the policy's settle target (own_pass: each row's own exit layer, where it already is: 0 stands for it)
     end = settle_target(ex.policy, 0, reach, L)
     if end > int(layer.min()):  # one fused launch for every layer to project
-        ex.project_kv(h, layer, pos[rows], slots[rows], end)
+        ex._fill_graphs.run(h, layer, pos[rows], slots[rows], end)  # one graph replay on CUDA
     owed = np.maximum(layer, end) < L
     if owed.any():
         (slot_t,) = ex._pinned.stage(slots[rows[owed]].astype(np.int32))

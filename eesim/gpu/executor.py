@@ -69,6 +69,7 @@ from eesim.errors import EesimError, require
 from eesim.exit_trace import ExitTrace
 from eesim.gpu.batch import LayerMeta, MetaStager, PinnedStager
 from eesim.gpu.decode_path import run_decode
+from eesim.gpu.fill_graphs import FillGraphs
 from eesim.gpu.general_path import run_general
 from eesim.gpu.mixed_graphs import MixedGraphs
 from eesim.gpu.segments import SegmentGraphs
@@ -80,7 +81,7 @@ from eesim.model_spec import ModelSpec
 from eesim.plan import IterationOutcome, IterationPlan
 from eesim.request import Sequence
 from eesim.sim_executor import SimExecutor
-from eesim.work import WorkCounter
+from eesim.work import WorkCounter, settle_target
 
 MODES = ("model", "replay")
 LOGIT_COLUMNS = ("max_prob", "margin", "entropy", "classifier", "agrees")
@@ -141,6 +142,7 @@ class GPUExecutor:
         self._host_bufs: dict = {}  # pinned landing buffers of _to_host, per shape
         self._segment_graphs = SegmentGraphs(self)
         self._mixed_graphs = MixedGraphs(self)
+        self._fill_graphs = FillGraphs(self)
         self.last_logits: dict[int, Tensor] = {}  # row -> emitted logits (V,), with keep_logits
         self.last_hidden: dict[int, Tensor] = {}  # row -> exit hidden state of early-exited rows, with keep_logits
         # Matrix products of at most this many rows use the skinny-GEMM kernel (kernels/gemv.py), more
@@ -299,13 +301,14 @@ class GPUExecutor:
         layer_t, pos_t, slot_t = self._pinned.stage(layer.astype(np.int32), positions.astype(np.int32),
                                                     slots.astype(np.int32))
         w = self.weights
-        fused_fill(h, layer_t, pos_t.long(), slot_t.long(), w.ln1, w.wk, w.wv, self.eps, self.cos, self.sin,
-                   self.k_cache, self.v_cache, end_layer=end_layer, backend=self.backend)
+        fused_fill(h, layer_t, pos_t, slot_t, w.ln1, w.wk, w.wv, self.eps, self.cos, self.sin,
+                   self.k_cache, self.v_cache, end_layer=end_layer, first_layer=int(layer.min()),
+                   backend=self.backend)
 
     @property
     def graph_captures(self) -> int:
         """CUDA graphs captured so far: each one stalled the iteration that first needed its shape."""
-        return self._segment_graphs.captures + self._mixed_graphs.captures
+        return self._segment_graphs.captures + self._mixed_graphs.captures + self._fill_graphs.captures
 
     @torch.no_grad()
     def capture_graphs(self, max_rows: int, max_context: int, max_chunk_tokens: int = 0) -> int:
@@ -337,6 +340,13 @@ class GPUExecutor:
                 for lo, hi, tail in stretches:
                     graphs.ensure(lo, hi, meta, tail)
         captured = graphs.captures - before
+        if len(stretches) > 1:  # the projection of rows that leave at each exit, to each depth it can go to
+            L = spec.num_layers
+            ends = {settle_target(self.policy, 0, reach, L) for reach in bounds[1:]}
+            for n in buckets:
+                for first in bounds[1:-1]:
+                    for end in sorted(e for e in ends if e > first):
+                        captured += self._fill_graphs.capture(n, first, end)
         if max_chunk_tokens > 0:
             from eesim.gpu.mixed_graphs import pow2, token_bucket
 

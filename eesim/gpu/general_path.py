@@ -256,8 +256,8 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
 
     # ---- owed K/V settled at the end of the iteration, or kept for later passes ----
     if fills:
-        ex.project_kv(torch.cat([h for h, _, _, _ in fills]), np.concatenate([np.full(len(p), e) for _, e, p, _ in fills]),
-                      np.concatenate([p for _, _, p, _ in fills]), np.concatenate([s for _, _, _, s in fills]))
+        ex._fill_graphs.run(torch.cat([h for h, _, _, _ in fills]), np.concatenate([np.full(len(p), e) for _, e, p, _ in fills]),
+                            np.concatenate([p for _, _, p, _ in fills]), np.concatenate([s for _, _, _, s in fills]), L)
     if len(owed) and ex.hidden_pool is not None:
         keep_state = np.flatnonzero(owed.depth < L)
         if len(keep_state):
