@@ -50,6 +50,23 @@ def test_every_grid_point_present(swept):
     assert (frame["repeats"] >= 2).all()
 
 
+def test_host_bound_points_pool_their_rounds(swept):
+    """Points whose step waits on the host mid-pass are measured in grid.rounds rounds, one row each, their
+    timings pooled; the others once."""
+    path, prof = swept
+    frame = read_profile(path).frame
+    keys = frame[["component", "layers", "batch", "context", "tokens", "checks"]].itertuples(index=False, name=None)
+    bound = np.array([prof.host_bound(k) for k in keys])
+    grid = GRIDS["tiny"]
+    assert not frame.duplicated(["component", "layers", "batch", "context", "tokens", "checks"]).any()
+    assert bound.any() and (~bound).any()
+    assert {"check", "proj", "recompute"} <= set(frame.component[bound])
+    assert not frame[(frame.component == "decode") & (frame.layers == SPEC.num_layers)].index.isin(
+        np.flatnonzero(bound)).any()
+    assert (frame.repeats[bound] == grid.rounds * grid.repeats).all()
+    assert (frame.repeats[~bound & frame.component.isin(["decode", "prefill", "fill"])] == grid.repeats).all()
+
+
 def test_work_of_points(swept):
     _, prof = swept
     # a forced exit at exit index 1 (layer 2): two segments run, checks at exits 0 and 1, fill after
