@@ -12,7 +12,9 @@ every row forced out there under fill. For each batch and exit layer:
   host phases     medians of the host's timeline inside an exit step (perf_counter): launch of the
                   stretch, the confidence read (returns when the GPU has finished the stretch), the
                   decision up to the fill's launch (the GPU idles through it), the fill's launch, and
-                  the token read at the end.
+                  the rest (the token read at the end; under recompute, which projects nothing, all that
+                  follows the decision).
+``--policies`` runs the exit steps under other KV policies (copy_hidden, recompute) beside fill.
 Prints a table; writes ``exit_step.csv`` to $OUT when set.
 
 Usage (H100):  python benchmarks/exit_step.py [--batches 1,8,32] [--exits 8,16,24]
@@ -78,6 +80,8 @@ class PhaseClock:
 
     def phases(self, t0: float, t_end: float) -> dict[str, float]:
         s = dict(self.stamps)
+        s.setdefault("fill>", s["_to_host<"])  # no projection (recompute): nothing launched after the decision
+        s.setdefault("fill<", s["fill>"])
         out = dict(launch=s["stretch<"] - t0, wait_conf=s["_to_host<"] - s["stretch<"],
                    decide=s["fill>"] - s["_to_host<"], fill_launch=s["fill<"] - s["fill>"],
                    tokens=t_end - s["fill<"])
@@ -94,6 +98,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--exits", default="8,16,24")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--policies", default="fill", help="KV policies of the exit steps (comma list)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (checks the script, times nothing)")
     args = ap.parse_args()
@@ -117,12 +122,12 @@ def main() -> int:
         ex.v_cache.normal_(0, 1)
     rows = []
     print(f"{torch.cuda.get_device_name() if not args.tiny else 'CPU'}; {spec.name} {dtype}, context {ctx}, medians of {args.repeats}")
-    for e in (int(x) for x in args.exits.split(",")):
+    for policy, e in ((p, int(x)) for p in args.policies.split(",") for x in args.exits.split(",")):
         spec_e = spec.with_exits((e,))
         trace_e = synthesize_exit_trace(L, spec_e.all_exits, 16, seed=0)
         for batch in batches:
-            full = ("full", "fill", "max_prob", 0.9, "replay", trace_e)
-            exit_ = (ExitAt(0), "fill", "max_prob", 0.9, "replay", trace_e)
+            full = ("full", policy, "max_prob", 0.9, "replay", trace_e)
+            exit_ = (ExitAt(0), policy, "max_prob", 0.9, "replay", trace_e)
             ex.configure(spec_e, *full)
             _, plan = decode_plan(ex, batch, ctx)
             for _ in range(3):
@@ -152,12 +157,12 @@ def main() -> int:
             ph = {k: float(np.median([p[k] for p in phases])) * 1e6 for k in phases[0]}
             b_full = step_bytes(spec, batch, ctx, L)
             b_exit = step_bytes(spec, batch, ctx, e, fill_layers=L - e)
-            row = dict(batch=batch, exit_layer=e, full_ms=t_full * 1e3, exit_ms=t_exit * 1e3, stay_ms=t_stay * 1e3,
+            row = dict(policy=policy, batch=batch, exit_layer=e, full_ms=t_full * 1e3, exit_ms=t_exit * 1e3, stay_ms=t_stay * 1e3,
                        alt_stay_ms=float(np.median(alt_stay)) * 1e3, alt_exit_ms=float(np.median(alt_leave)) * 1e3,
                        exit_floor_ms=b_exit / 2.98e12 * 1e3, byte_speedup=b_full / b_exit,
                        measured_speedup=t_full / t_exit, **{f"host_{k}_us": v for k, v in ph.items()})
             rows.append(row)
-            print(f"exit {e:2d} B={batch:<3d} full {t_full * 1e3:6.3f}  exit {t_exit * 1e3:6.3f} ms "
+            print(f"{policy} exit {e:2d} B={batch:<3d} full {t_full * 1e3:6.3f}  exit {t_exit * 1e3:6.3f} ms "
                   f"(floor {row['exit_floor_ms']:.3f}); stay {t_stay * 1e3:6.3f}; alternating stay {row['alt_stay_ms']:6.3f} exit "
                   f"{row['alt_exit_ms']:6.3f}; speedup {row['measured_speedup']:.3f} vs bytes {row['byte_speedup']:.3f}"
                   f" | host us: " + " ".join(f"{k} {v:.0f}" for k, v in ph.items()), flush=True)
