@@ -8,8 +8,9 @@ iteration's work into the profiled components and adds them up:
   the checks and the fill each measurement included are taken back out; the sum over the segments a
   step ran telescopes to the measured time of a pass to that depth (exact on the grid);
 - exit checks that do not end the pass (the one where the last rows leave is inside the decode
-  measurement): per checked batch size, from the check grid (graphed path), or the general path's
-  (``check_eager``) for KV policies other than fill;
+  measurement): per checked batch size, from the check grid (graphed path); a step of a KV policy other
+  than fill that runs the general path (it starts owing) adds that path's excess over the graphed one
+  once (``check_eager`` less ``check``: its host-built metadata and eager boundaries are per step);
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
 - prefill: a step whose attention exceeds its KV reads holds a prompt chunk; its token count and the
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
@@ -169,6 +170,11 @@ class ProfileCostModel:
         # checks: per check, from the check grid less the full-depth decode at the same batch and context
         self.chk_tab = self._check_table(chk, rows)
         self.chk_eager_tab = self._check_table(chk_e, rows) if len(chk_e) else self.chk_tab
+        # the general path's excess over the graphed one (check_eager less check, all S - 1 checks), paid once
+        # per step it runs with checks: most of it is the step's host-built metadata and eager boundaries, not
+        # the checks themselves (served steps that leave after one or two eager checks pay about all of it;
+        # benchmarks/serve_breakdown.py)
+        self.gen_step_tab = np.maximum((self.S - 1) * (self.chk_eager_tab - self.chk_tab), 0.0)
         # the decode grid holds each measurement with the checks and the fill it included taken out (a point
         # at exit e ran the checks at exits 0..k-1 that do not end the pass, and one fill of its rows over the
         # L - e skipped layers), so that its monotone envelope is taken over the quantity the model adds up
@@ -304,7 +310,7 @@ class ProfileCostModel:
         self._s_adj = memoryview(np.ascontiguousarray(self._adj_pairs).reshape(-1))
         self._s_fill = self._fill_pairs.reshape(-1).tolist()
         self._s_chk = self.chk_tab.tolist()
-        self._s_chk_eager = self.chk_eager_tab.tolist()
+        self._s_gen_step = self.gen_step_tab.tolist()
         self._s_nonterminal = self._nonterminal.tolist()
         self._s_sched = self.sched_tab.tolist()
         self._s_seg_layers = self.seg_layers.tolist()
@@ -442,14 +448,15 @@ class ProfileCostModel:
         if own_checks:
             parts["checks"] = zeros.copy()
         elif np.count_nonzero(chk):
-            ctab = self.chk_tab if self.fill_like else self.chk_eager_tab
             ci = chk.astype(np.int64)
             if np.maximum.reduce(ci, axis=None) > Dmax:  # more checked rows than the table: its last row
                 ci = np.minimum(ci, Dmax)
-            per = ctab[ci]
-            if graphed is not None:  # the graphed path's checks
-                per = np.where(graphed[:, None], self.chk_tab[ci], per)
-            parts["checks"] = np.add.reduce(per * self._nonterminal[work.batch_reach], axis=1)
+            parts["checks"] = np.add.reduce(self.chk_tab[ci] * self._nonterminal[work.batch_reach], axis=1)
+            if not self.fill_like:  # a decode step off the graphed path: the general path's excess, once
+                eager = ~chunk & (ci[:, 0] > 0)
+                if graphed is not None:
+                    eager &= ~graphed
+                parts["checks"] = parts["checks"] + np.where(eager, self.gen_step_tab[ci[:, 0]], 0.0)
         if has_fill:
             rows = np.maximum.reduce(proj_fill, axis=1)
             lm = (proj_fill @ self.seg_layers) / np.maximum(rows, 1.0)
@@ -671,9 +678,11 @@ class ProfileCostModel:
         if own_checks:
             parts["checks"] = 0.0
         elif any(chk):
-            ctab = self._s_chk if self.fill_like or graphed else self._s_chk_eager
+            ctab = self._s_chk
             nt = self._s_nonterminal[int(work.batch_reach[0])]
             parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
+            if not self.fill_like and not graphed and not chunk and chk[0] > 0:
+                parts["checks"] = parts["checks"] + self._s_gen_step[min(int(chk[0]), Dmax)]
         if fill_proj:
             rows = max(proj)
             lm = sum([p * w for p, w in zip(proj, self._s_seg_layers)]) / max(rows, 1.0)  # integers: exact

@@ -458,6 +458,26 @@ def test_copy_hidden_steps_owing_nothing_priced_as_the_graphed_path(profile_path
                                                                copy.iteration_time(owing)[0]], rtol=1e-12)
 
 
+def test_general_path_excess_priced_once_per_step(profile_path):
+    """A decode step that starts owing (the general path) pays the general path's excess over the graphed path
+    (check_eager less check, over all S - 1 checks) once, whichever number of its checks ran: served steps
+    that leave after one eager check measured about the whole excess. Its checks are priced as graphed."""
+    from dataclasses import replace
+
+    for kv in ("copy_hidden", "recompute"):
+        m = ProfileCostModel(profile_path, SPEC, kv_policy=kv, include_schedule=False)
+        excess = (SPEC.num_segments - 1) * (m.chk_eager_tab - m.chk_tab)
+        assert (excess[1:] > 0).all()  # the synthetic profile's eager checks cost 3x the graphed ones
+        np.testing.assert_allclose(m.gen_step_tab, np.maximum(excess, 0.0))
+        for b, k in ((1, 0), (4, 1), (8, 3)):
+            work = decode_work(SPEC, b, 512, exit_k=k)
+            fresh, owing = replace(work, carried=np.zeros(1)), replace(work, carried=np.ones(1))
+            assert m.breakdown(owing)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + m.gen_step_tab[b])
+            if kv == "recompute":  # (copy_hidden's owing step also projects its exits on the general path)
+                extra = m.iteration_time(owing)[0] - m.iteration_time(fresh)[0]
+                assert np.isclose(extra, m.gen_step_tab[b], rtol=1e-9), (kv, b, k)
+
+
 def owed_work(spec, rows, ctx, owed, depth_k, kv_name):
     """A decode step of ``rows`` rows checking every exit, nobody leaving, with ``owed`` positions riding along
     from the segment after exit ``depth_k`` (recompute: re-run there; copy_hidden: projected there)."""
