@@ -77,10 +77,11 @@ class ProfileGrid:
     # benchmarks/decode_mix.py); 0: every row at the point's context
     decode_spread: float = 0.75
     # points whose step waits on the host mid-pass (exit checks, forced exits, owed rows beside the checks)
-    # are measured in this many rounds over the sweep, their timings pooled: such a point's time moves with
-    # the host by up to ~10% for seconds at a time, so consecutive repeats alone agree with each other
-    # but not with the point's neighbours
-    rounds: int = 3
+    # can be measured in several rounds over the sweep, their timings pooled (such a point's time moves with
+    # the host for seconds at a time). Off by default: on the H100 (2026-11-23, docs/fidelity.md, sixth
+    # measurement) the pooled owed-row points came out ~2 ms below single-round ones and below what served
+    # steps with owed rows measured, and the simulator's recompute errors grew from -2..-5% to -10..-18%
+    rounds: int = 1
 
     def to_meta(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -517,10 +518,14 @@ def grid_from_args(args) -> ProfileGrid:
         value = getattr(args, name, "")
         if value:
             over[name] = tuple(value.split(",")) if name == "components" else _ints(value)
+    require(args.repeats >= 0 and args.rounds >= 0, f"profile: --repeats and --rounds must not be negative (0: the grid's), got "
+                                                    f"{args.repeats} and {args.rounds}")
     if args.repeats:
         over["repeats"] = args.repeats
     if args.warmup >= 0:
         over["warmup"] = args.warmup
+    if args.rounds:
+        over["rounds"] = args.rounds
     return replace(grid, **over)
 
 
@@ -561,6 +566,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exits", default="", help="exit layers (default: the model's)")
     p.add_argument("--repeats", type=int, default=0, help="timed runs per point (default: the grid's)")
     p.add_argument("--warmup", type=int, default=-1, help="warm-up runs per point (default: the grid's)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="rounds over the sweep for points whose step waits on the host (default: the grid's, 1)")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backend", default="", help="kernel backend: auto (default), torch or triton")
     p.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left free beside the KV cache")

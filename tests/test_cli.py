@@ -84,6 +84,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not out.exists(), "bad input left output behind"
 
 
+def test_profile_bad_rounds_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "p.parquet"
+    result = run_cli("profile", "--model", "llama2-7b", "--device", "cpu", "--rounds", "-2", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rounds must not be negative" in lines[0], result.stderr
+    assert not out.exists()
+
+
 def test_unknown_option_exits_2():
     result = run_cli("compare", "--no-such-option")
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
