@@ -196,14 +196,16 @@ def save_works(path: Path, works: list) -> None:
     predictions can be recomputed offline (``load_works``) when the cost model changes."""
     if works:
         np.savez_compressed(path, **{name: np.concatenate([getattr(w, name) for w in works])
-                                     for name in IterationWork.__slots__})
+                                     for name in IterationWork.__slots__ if getattr(works[0], name) is not None})
 
 
 def load_works(path) -> "IterationWork":
     """The works ``save_works`` wrote, as one record of T steps (``cost.iteration_time`` prices them all)."""
     data = np.load(path)
     steps = len(data["syncs"])  # records saved before ``carried`` existed carried nothing
-    return IterationWork(*(data[name] if name in data else np.zeros(steps) for name in IterationWork.__slots__))
+    optional = ("decode_rows", "prompt_chunks")  # records saved before them: None (one chunk at most assumed)
+    return IterationWork(*(data[name] if name in data else (None if name in optional else np.zeros(steps))
+                           for name in IterationWork.__slots__))
 
 
 def _table(frame: pd.DataFrame) -> str:

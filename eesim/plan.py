@@ -63,10 +63,14 @@ class IterationWork:
     # (T,) owed (position, depth) entries the step started with: with none, the GPU executor runs a decode
     # step of copy_hidden or recompute on its graphed path
     carried: np.ndarray
+    # (T,) the plan's decode rows, and its other rows (prompt chunks: several prompts' chunks can share a step,
+    # which the totals above cannot tell from one long chunk); None in records made without them
+    decode_rows: np.ndarray | None = None
+    prompt_chunks: np.ndarray | None = None
 
     def step(self, t: int) -> "IterationWork":
         """The work of step t alone, as a one-step record."""
-        return IterationWork(*(getattr(self, name)[t:t + 1] for name in self.__slots__))
+        return IterationWork(*(None if (v := getattr(self, name)) is None else v[t:t + 1] for name in self.__slots__))
 
 
 @dataclass(slots=True)
@@ -84,6 +88,7 @@ class IterationOutcome:
 
     def head(self, steps: int) -> "IterationOutcome":
         """The first ``steps`` steps (the simulator cuts a run short when a request arrives)."""
-        work = IterationWork(*(getattr(self.work, name)[:steps] for name in IterationWork.__slots__))
+        work = IterationWork(*(None if (v := getattr(self.work, name)) is None else v[:steps]
+                               for name in IterationWork.__slots__))
         return IterationOutcome(self.elapsed[:steps], self.exit_index[:steps], self.forced[:steps],
                                 self.agrees[:steps], self.tokens[:steps], work)

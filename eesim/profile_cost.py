@@ -44,6 +44,8 @@ profile_tokens.py. A profile measured at more exits than the model has: ``restri
 
 from __future__ import annotations
 
+import math
+
 from bisect import bisect_right
 from dataclasses import replace
 from pathlib import Path
@@ -537,9 +539,28 @@ class ProfileCostModel:
                     dc = c0.astype(np.int64)
                     d = np.where(checked, dc, d)
                     n = np.where(checked, np.maximum(r0 - dc, 2), n)
+            # several prompts' chunks in one step (the plan says how many): priced as one chunk of all their
+            # tokens after their mean cached prefix (the GEMMs see all the tokens at once; the attention of one
+            # long chunk over-counts theirs, which matters only far beyond the grid's chunks)
+            pcs, multi = work.prompt_chunks, None
+            if pcs is not None:
+                kc = pcs[t]
+                if np.count_nonzero(kc >= 2):
+                    multi = kc >= 2
+                    dr = work.decode_rows[t].astype(np.int64)
+                    d = np.where(multi, dr, d)
+                    n = np.where(multi, np.maximum(r0 - dr, 2), n)
             k = (n + (QUERY_TILE - 1)) // QUERY_TILE
             e = (x + n * (n - 1) / 2) / (n - k)
             p = np.maximum(e - n, 0.0)
+            reads = e * k  # the chunk's KV reads
+            if multi is not None:
+                kcf = np.maximum(kc, 1.0)
+                m = n / kcf
+                c = np.ceil(m / QUERY_TILE)
+                prior = np.maximum((x / kcf - m * (m + 1) / 2 + m * c) / np.maximum(m - c, 1.0), 0.0)
+                p = np.where(multi, prior, p)
+                reads = np.where(multi, kcf * (prior + m) * c, reads)
             nb = padded_tokens(n.astype(np.float64), self.chunk_padding)  # what the executor ran
             groups.append(("prefill", t, gid["prefill"], p, nb))
             mixed = self.g_mixed is not None
@@ -585,7 +606,7 @@ class ProfileCostModel:
                 mixed_v = values[a:b]
                 a, b = at["base"]
                 dd = np.maximum(d, 1)
-                cc = np.maximum(R0 - e * k, d) / dd  # mean context of the decode rows
+                cc = np.maximum(R0 - reads, d) / dd  # mean context of the decode rows
                 owed = N - work.recompute_rows[t] if has_rec else N
                 scale = (np.maximum(owed - n[:, None], 0) @ self.seg_layers) / (self.L * dd)
                 dd = np.minimum(d, self.max_rows)
@@ -735,9 +756,21 @@ class ProfileCostModel:
                         self._chunk_table = _chunk_table(max(need, 2 * len(self._chunk_table)))
                     n = int(_chunks_from_excess(np.array([x]), np.array([r0]), self._chunk_table)[0])
                 d = max(r0 - n, 0)
+            pcs = work.prompt_chunks
+            kc = pcs.item(0) if pcs is not None else 0.0
+            if kc >= 2:  # several prompts' chunks: as _special
+                d = int(work.decode_rows.item(0))
+                n = max(r0 - d, 2)
             k = (n + (QUERY_TILE - 1)) // QUERY_TILE
             e = (x + n * (n - 1) / 2) / (n - k)
             p = max(e - n, 0.0)
+            reads = e * k
+            if kc >= 2:
+                kcf = max(kc, 1.0)
+                m = n / kcf
+                c = float(math.ceil(m / QUERY_TILE))
+                p = max((x / kcf - m * (m + 1) / 2 + m * c) / max(m - c, 1.0), 0.0)
+                reads = kcf * (p + m) * c
             fn = padded_tokens(float(n), self.chunk_padding)  # what the executor ran
             pf, flag = look(gid["prefill"], p, fn)
             flags.append(("prefill", flag))
@@ -748,7 +781,7 @@ class ProfileCostModel:
                 mixed_v, flag = look(gid["mixed"], float(d) if mx else self._mixed_lo, fn)
                 flags.append(("mixed", flag and mx))
                 dd = max(d, 1)
-                cc = max(R0 - e * k, float(d)) / dd  # mean context of the decode rows
+                cc = max(R0 - reads, float(d)) / dd  # mean context of the decode rows
                 owed = [a - b for a, b in zip(full, rec)] if has_rec else full
                 scale = sum([max(o - n, 0.0) * w for o, w in zip(owed, self._s_seg_layers)]) / (self.L * dd)
                 dd = min(d, self.max_rows)

@@ -87,8 +87,9 @@ class WorkCounter:
         else:
             proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
         syncs = np.add.reduce(check_rows > 0, axis=1)
+        decode_rows = checked[:, 0]  # every row runs segment 0
         return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach,
-                             carried)
+                             carried, decode_rows, len(plan.num_new) - decode_rows)
 
     @staticmethod
     def _per_row(plan: IterationPlan, steps: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -129,6 +131,40 @@ def test_prefill_and_mixed_on_grid(profile_path):
             assert got == pytest.approx(frame.loc[("mixed", L, d, 512, n, 0), "median_s"], rel=1e-6), (d, n)
 
 
+def chunks_work(spec, chunks, p, d=0, ctx=512):
+    """A step holding ``chunks`` prompt chunks of ``n`` tokens each after ``p`` cached positions (``chunks``
+    a list of n), beside ``d`` decode rows at context ``ctx``, with the plan's row counts recorded."""
+    S = spec.num_segments
+    full = np.full((1, S), float(sum(chunks) + d))
+    attn = np.full((1, S), sum(n * p + n * (n + 1) / 2 for n in chunks) + d * ctx)
+    kv = np.full((1, S), sum((p + n) * -(-n // 128) for n in chunks) + d * ctx)
+    z = np.zeros((1, S))
+    return IterationWork(full, attn, kv, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros(1, dtype=int),
+                         np.array([S - 1]), np.zeros(1), np.array([float(d)]), np.array([float(len(chunks))]))
+
+
+@pytest.mark.parametrize("p", [0, 512])
+def test_several_prompt_chunks_priced_as_one_chunk_of_their_tokens(profile_path, p):
+    """Several prompts' chunks in one step (the plan's row counts say how many) are priced as one chunk of all
+    their tokens after their cached prefix, not as the one long chunk the totals alone would suggest (which
+    also counts the other chunks' rows as decode rows); the same on both pricing paths, bit for bit."""
+    fast = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    slow = ProfileCostModel(profile_path, SPEC, include_schedule=False)
+    slow._one_step = False
+    for chunks, d in (([256] * 4, 0), ([512, 512], 0), ([64] * 8, 8), ([256] * 16, 32)):
+        work = chunks_work(SPEC, chunks, p, d)
+        one = chunks_work(SPEC, [sum(chunks)], p, d)
+        got = fast.iteration_time(work)[0]
+        assert got == slow.iteration_time(work)[0], (chunks, d)
+        assert fast.breakdown(work) == slow.breakdown(work)
+        if d == 0:  # the step's tokens as one chunk: what it is priced at
+            assert got == pytest.approx(fast.iteration_time(one)[0], rel=1e-9), (chunks, p)
+        else:  # its decode rows are the plan's, priced beside the chunk (the totals alone would miss them)
+            assert fast.breakdown(work)["mixed"] > 0
+        blind = replace(work, decode_rows=None, prompt_chunks=None)  # a record without the row counts
+        assert fast.iteration_time(blind)[0] != pytest.approx(got, rel=1e-3), (chunks, d, p)
+
+
 def test_monotone(profile_path):
     # noisy measurements: the fitted model is still non-decreasing in batch, context and depth
     path = profile_path.parent / "noisy.parquet"
@@ -250,7 +286,8 @@ def _mixed_record(rng, spec, steps):
         if kind == 3:
             w.recompute_rows[:, k + 1:] = rng.integers(1, 40)
         recs.append(w)
-    return IterationWork(*(np.concatenate([getattr(r, f) for r in recs]) for f in IterationWork.__slots__))
+    return IterationWork(*(None if getattr(recs[0], f) is None else np.concatenate([getattr(r, f) for r in recs])
+                           for f in IterationWork.__slots__))
 
 
 @pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
@@ -411,7 +448,8 @@ def test_chunks_priced_at_their_padded_size(profile_path, tmp_path):
         assert np.isclose(pad.iteration_time(prefill_work(SPEC, n, 0))[0],
                           plain.iteration_time(prefill_work(SPEC, bucket, 0))[0], rtol=1e-12)
     two = prefill_work(SPEC, 300, 0)
-    both = IterationWork(*(np.concatenate([getattr(two, f)] * 2) for f in IterationWork.__slots__))
+    both = IterationWork(*(None if getattr(two, f) is None else np.concatenate([getattr(two, f)] * 2)
+                           for f in IterationWork.__slots__))
     np.testing.assert_allclose(pad.iteration_time(both), [pad.iteration_time(two)[0]] * 2, rtol=1e-12)
 
 

@@ -105,6 +105,24 @@ def test_bad_configuration_is_refused(llama7b, synthetic_trace_7b, workload):
         simulate(workload, config(llama7b.with_exits((8, 16, 24)), synthetic_trace_7b))
 
 
+def test_work_records_the_plans_decode_rows_and_prompt_chunks(llama7b):
+    """Several prompts' chunks in one step look like one long chunk in the totals; the record says how many."""
+    from eesim.plan import IterationPlan
+    from eesim.policies import exit_rule, kv_policy
+    from eesim.work import WorkCounter
+
+    counter = WorkCounter(llama7b, kv_policy("fill"), exit_rule("full"), True)
+    num_new = np.array([512, 300, 1, 1, 1])
+    decode = num_new == 1
+    plan = IterationPlan(0, [None] * 5, num_new, np.array([0, 100, 40, 50, 60]), decode, np.ones(5, dtype=bool),
+                         [[] for _ in range(5)], np.zeros(5, dtype=np.int64))
+    work = counter.count(plan, np.full((1, 5), llama7b.num_segments - 1))
+    assert work.decode_rows.tolist() == [3.0] and work.prompt_chunks.tolist() == [2.0]
+    assert work.full_rows[0, 0] - work.decode_rows[0] == 812  # the chunks' tokens
+    one = work.step(0)
+    assert one.prompt_chunks.tolist() == [2.0] and one.decode_rows.tolist() == [3.0]
+
+
 def test_cost_model_is_monotone_and_near_the_floor(llama7b):
     from eesim.plan import IterationPlan
     from eesim.policies import exit_rule, kv_policy
