@@ -199,8 +199,10 @@ class ProfileCostModel:
         self.g_mixed_chk = _grid(mixed[mixed["checks"] > 0], ["batch", "tokens"], roof_mixed) \
             if len(mixed[mixed["checks"] > 0]) else None
         self.mixed_context = float(meta.get("mixed_context", 512))
+        self.owing_fixed = {"proj": 0.0, "recompute": 0.0}  # set by _owed_grid
         self.g_proj = self._owed_grid(frame, "proj", roof_owed)
         self.g_recompute = self._owed_grid(frame, "recompute", roof_owed)
+        self._set_policy(self.policy)  # (again: the owing term needs the owed grids)
 
         # ---- dense tables for the vectorised decode path ----
         step = max(16, model.max_context // 256)
@@ -368,6 +370,13 @@ class ProfileCostModel:
         if checked.any():
             base[checked] += float(sub["checks"].to_numpy()[checked][0]) * self.chk_eager_tab[min(b, self.max_rows)]
         sub = sub.assign(median_s=np.maximum(sub["median_s"].to_numpy() - base, 0.0))
+        # what owing costs a step before any owed row runs: the marginal of the fewest owed rows, extrapolated
+        # linearly in the layers they ran to none (the staging and gathering of owed state on the general path)
+        few = sub[sub["tokens"] == sub["tokens"].min()].sort_values("layers")
+        lay, val = few["layers"].to_numpy(np.float64), few["median_s"].to_numpy()
+        if len(few) >= 2 and np.ptp(lay) > 0:
+            slope = np.polyfit(lay, val, 1)[0]
+            self.owing_fixed[comp] = float(max(np.median(val - slope * lay), 0.0))
         return _grid(sub, ["layers", "tokens"], roof)
 
     def _check_table(self, chk, rows):
@@ -458,7 +467,11 @@ class ProfileCostModel:
                 eager = ~chunk & (ci[:, 0] > 0)
                 if graphed is not None:
                     eager &= ~graphed
-                parts["checks"] = parts["checks"] + np.where(eager, self.gen_step_tab[ci[:, 0]], 0.0)
+                extra = self.gen_step_tab[ci[:, 0]]
+                if self.owing_step:  # owing, with no owed row run in this step
+                    idle = (work.carried > 0) & ~(rec.any(axis=1) | work.proj_rows.any(axis=1))
+                    extra = extra + np.where(idle, self.owing_step, 0.0)
+                parts["checks"] = parts["checks"] + np.where(eager, extra, 0.0)
         if has_fill:
             rows = np.maximum.reduce(proj_fill, axis=1)
             lm = (proj_fill @ self.seg_layers) / np.maximum(rows, 1.0)
@@ -703,7 +716,11 @@ class ProfileCostModel:
             nt = self._s_nonterminal[int(work.batch_reach[0])]
             parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
             if not self.fill_like and not graphed and not chunk and chk[0] > 0:
-                parts["checks"] = parts["checks"] + self._s_gen_step[min(int(chk[0]), Dmax)]
+                extra = self._s_gen_step[min(int(chk[0]), Dmax)]
+                if self.owing_step:  # owing, with no owed row run in this step
+                    idle = work.carried.item(0) > 0 and not (has_rec or any(proj))
+                    extra = extra + (self.owing_step if idle else 0.0)
+                parts["checks"] = parts["checks"] + extra
         if fill_proj:
             rows = max(proj)
             lm = sum([p * w for p, w in zip(proj, self._s_seg_layers)]) / max(rows, 1.0)  # integers: exact
@@ -850,6 +867,11 @@ class ProfileCostModel:
         # projection then is one fused launch, priced as fill
         self.graphs_fresh = kv_policy is not None and kv_policy.settles_exits_after_the_pass
         self.graphed_projection = self.graphs_fresh and kv_policy.work == "kv_projection"
+        # a step that starts owing but runs none of its owed rows (they wait for a deeper pass) still pays
+        # for owing on the general path: the owed grid's fixed part
+        fixed = getattr(self, "owing_fixed", None)  # (None while __init__ has not fitted the owed grids yet)
+        self.owing_step = 0.0 if self.fill_like or fixed is None else \
+            fixed["recompute" if kv_policy.work == "full_layers" else "proj"]
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing

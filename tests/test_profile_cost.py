@@ -499,7 +499,9 @@ def test_copy_hidden_steps_owing_nothing_priced_as_the_graphed_path(profile_path
 def test_general_path_excess_priced_once_per_step(profile_path):
     """A decode step that starts owing (the general path) pays the general path's excess over the graphed path
     (check_eager less check, over all S - 1 checks) once, whichever number of its checks ran: served steps
-    that leave after one eager check measured about the whole excess. Its checks are priced as graphed."""
+    that leave after one eager check measured about the whole excess. Its checks are priced as graphed. If none
+    of its owed rows runs in it, it also pays the owed grid's fixed part (what owing costs before any owed row
+    runs); a step whose owed rows run has that inside their marginal."""
     from dataclasses import replace
 
     for kv in ("copy_hidden", "recompute"):
@@ -510,10 +512,22 @@ def test_general_path_excess_priced_once_per_step(profile_path):
         for b, k in ((1, 0), (4, 1), (8, 3)):
             work = decode_work(SPEC, b, 512, exit_k=k)
             fresh, owing = replace(work, carried=np.zeros(1)), replace(work, carried=np.ones(1))
-            assert m.breakdown(owing)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + m.gen_step_tab[b])
+            # owing with no owed row run now: the owed grid's fixed part too (the synthetic marginal of one owed
+            # row is 2 ms + 1 us per layer it runs: 2 ms at none)
+            assert m.owing_step == pytest.approx(2e-3, abs=3e-4)  # (less the decode grid's full-depth price)
+            idle = not (owing.proj_rows.any() or owing.recompute_rows.any())  # (copy_hidden: its exits project)
+            step_extra = m.gen_step_tab[b] + (m.owing_step if idle else 0.0)
+            assert m.breakdown(owing)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + step_extra)
             if kv == "recompute":  # (copy_hidden's owing step also projects its exits on the general path)
                 extra = m.iteration_time(owing)[0] - m.iteration_time(fresh)[0]
-                assert np.isclose(extra, m.gen_step_tab[b], rtol=1e-9), (kv, b, k)
+                assert np.isclose(extra, step_extra, rtol=1e-9), (kv, b, k)
+                # as recompute's work counter writes it: no projection rows; nothing owed runs in this step
+                waiting = replace(owing, proj_rows=np.zeros_like(owing.proj_rows))
+                fresh0 = replace(waiting, carried=np.zeros(1))
+                assert m.breakdown(waiting)["checks"] == pytest.approx(
+                    m.breakdown(fresh0)["checks"] + m.gen_step_tab[b] + m.owing_step)
+                riding = replace(owing, recompute_rows=np.where(np.arange(SPEC.num_segments) > 0, 1.0, 0.0)[None])
+                assert m.breakdown(riding)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + m.gen_step_tab[b])
 
 
 def owed_work(spec, rows, ctx, owed, depth_k, kv_name):
