@@ -10,12 +10,16 @@ iteration's work into the profiled components and adds them up:
 - exit checks that do not end the pass (the one where the last rows leave is inside the decode
   measurement): per checked batch size, from the check grid (graphed path); a step of a KV policy other
   than fill that runs the general path (it starts owing) adds that path's excess over the graphed one
-  once (``check_eager`` less ``check``: its host-built metadata and eager boundaries are per step);
+  once (``check_eager`` less ``check``: its host-built metadata and eager boundaries are per step), and,
+  when none of its owed rows runs in it (nor, under copy_hidden, any projection), the owed grid's fixed
+  part (``owing_step``: the marginal of the fewest owed rows extrapolated to no layers);
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
 - prefill: a step whose attention exceeds its KV reads holds a prompt chunk; its token count and the
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
   checks, else assuming the chunk starts a prompt) and priced from the prefill grid (tokens x
-  context), plus what its decode rows add (mixed grid, decode rows x chunk tokens) and their checks;
+  context), plus what its decode rows add (mixed grid, decode rows x chunk tokens) and their checks; a
+  step holding several prompts' chunks (the work's ``prompt_chunks``, with its ``decode_rows``) is priced
+  as one chunk of all their tokens after their mean cached prefix;
 - proj / recompute (copy_hidden, recompute): owed rows x layers, the marginal over the same step owing
   nothing (a full-depth step with the general path's checks where the points ran them, ``checks`` > 0;
   without checks in profiles from before that);

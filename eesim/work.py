@@ -59,6 +59,7 @@ class WorkCounter:
         sums = np.empty((6, steps, segs))
         np.matmul(self._per_row(plan, steps), self._reach[exit_index], out=sums.transpose(1, 0, 2))
         full_rows, attn, kv_read, checked, emitted, decode_context = sums
+        decode_rows = checked[:, 0].copy()  # every row runs segment 0 (a copy: check_rows below may be checked)
         batch_reach = np.maximum.reduce(exit_index, axis=1)  # (the ufunc's own reduce: .max adds a Python layer)
         owed_rows = owed_context = self._zeros if steps == 1 else np.zeros((steps, segs))
         carried = self._no_debt if steps == 1 else np.zeros(steps)  # owed entries the step started with
@@ -87,7 +88,6 @@ class WorkCounter:
         else:
             proj, recompute = owed_rows, self._zeros if steps == 1 else np.zeros((steps, segs))
         syncs = np.add.reduce(check_rows > 0, axis=1)
-        decode_rows = checked[:, 0]  # every row runs segment 0
         return IterationWork(full_rows, attn, kv_read, proj, recompute, check_rows, logit_rows, syncs, batch_reach,
                              carried, decode_rows, len(plan.num_new) - decode_rows)
 

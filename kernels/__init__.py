@@ -12,7 +12,7 @@ head_dim)``; ``block_tables`` int32 ``(batch, max_blocks_per_seq)``; ``context_l
 
 from ._common import HAVE_TRITON, use_triton
 from .confidence import max_prob_argmax, max_prob_argmax_ref
-from .fused_fill import fused_fill, fused_fill_ref
+from .fused_fill import fused_fill, fused_fill_ref, fused_fill_uses_kernel
 from .gemv import MAX_ROWS as SKINNY_MAX_ROWS, skinny_linear, skinny_linear_ref
 from .kv_store import store_kv, store_kv_ref
 from .paged_attention import paged_decode_attention, paged_decode_attention_ref
@@ -25,7 +25,7 @@ __all__ = [
     "paged_decode_attention", "paged_decode_attention_ref",
     "paged_prefill_attention", "paged_prefill_attention_ref",
     "store_kv", "store_kv_ref",
-    "fused_fill", "fused_fill_ref",
+    "fused_fill", "fused_fill_ref", "fused_fill_uses_kernel",
     "rmsnorm", "rmsnorm_ref",
     "apply_rotary", "apply_rotary_ref", "rotary_tables",
     "skinny_linear", "skinny_linear_ref", "SKINNY_MAX_ROWS",

@@ -163,6 +163,14 @@ def _config(n: int, hidden: int) -> tuple[int, int, int, int, int]:
     return 64, min(64, k), 4, 3, 128
 
 
+def fused_fill_uses_kernel(h, k_cache, backend=None) -> bool:
+    """Whether ``fused_fill`` runs the Triton kernel (else the torch reference, which reads its indices on the
+    host and so cannot be captured in a CUDA graph). The kernel needs a power-of-two head_dim of at least 32
+    (half a head >= 16: tl.dot's minimum N)."""
+    head_dim = k_cache.shape[-1]
+    return use_triton(backend, h, k_cache) and not head_dim & (head_dim - 1) and head_dim >= 32
+
+
 def fused_fill(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, sin,
                k_cache, v_cache, *, end_layer=None, first_layer=0, config=None, backend=None):
     """In place on ``k_cache, v_cache (L, num_blocks, block_size, kv_heads, head_dim)``.
@@ -185,14 +193,15 @@ def fused_fill(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, s
         raise ValueError("input_norm_w / v_cache shapes disagree with k_cache")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"k_cache and v_cache dtypes differ ({k_cache.dtype}, {v_cache.dtype})")
+    if wv.dtype != wk.dtype:
+        raise ValueError(f"wk and wv dtypes differ ({wk.dtype}, {wv.dtype})")
     end = num_layers if end_layer is None else int(end_layer)
     first = int(first_layer)
     if first < 0:
         raise ValueError(f"first_layer must be >= 0, got {first_layer}")
     if n == 0 or end <= first:
         return
-    if not use_triton(backend, h, k_cache) or head_dim & (head_dim - 1) or head_dim < 32:
-        # Triton path needs power-of-two head_dim with half >= 16 (tl.dot minimum N).
+    if not fused_fill_uses_kernel(h, k_cache, backend):
         fused_fill_ref(h, exit_layer, positions, slot, input_norm_w, wk, wv, eps, cos, sin,
                        k_cache, v_cache, end)
         return

@@ -320,6 +320,18 @@ def test_fused_fill_wide_token_tiles_and_first_layer(n):
     torch.testing.assert_close(vc, vc_ref, equal_nan=True, **TOL[torch.float32])
 
 
+@needs_triton
+def test_fused_fill_uses_kernel_only_where_it_can():
+    """Head sizes the kernel cannot take fall back to the reference (which the fill graphs must not capture)."""
+    from eesim.kernels import fused_fill_uses_kernel
+
+    h = torch.zeros(1, 8, device=DEVICE)
+    for head_dim, want in ((64, True), (128, True), (16, False), (96, False)):
+        cache = torch.zeros(1, 1, 16, 1, head_dim, device=DEVICE)
+        assert fused_fill_uses_kernel(h, cache, "triton") is want
+        assert fused_fill_uses_kernel(h, cache, "torch") is False
+
+
 # ------------------------------------------------------------------------------ rmsnorm, rotary
 
 @needs_triton

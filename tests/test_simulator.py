@@ -121,6 +121,10 @@ def test_work_records_the_plans_decode_rows_and_prompt_chunks(llama7b):
     assert work.full_rows[0, 0] - work.decode_rows[0] == 812  # the chunks' tokens
     one = work.step(0)
     assert one.prompt_chunks.tolist() == [2.0] and one.decode_rows.tolist() == [3.0]
+    # a model without exits: one segment, whose check column the counter zeroes (the decode rows stay)
+    flat = llama7b.with_exits(())
+    work = WorkCounter(flat, kv_policy("fill"), exit_rule("all_confident"), True).count(plan, np.zeros((1, 5), int))
+    assert work.decode_rows.tolist() == [3.0] and work.prompt_chunks.tolist() == [2.0]
 
 
 def test_cost_model_is_monotone_and_near_the_floor(llama7b):

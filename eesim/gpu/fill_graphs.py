@@ -6,7 +6,8 @@ launched is idle device time in the step. Launched eagerly, ``fused_fill`` costs
 staging copy and a launch. One graph per (padded rows, first layer, end layer); its inputs are static
 buffers: the exit states in the segment graphs' residual buffer of that row count (dead once the pass is
 over), the indices in a small int32 buffer. Padding rows carry layer ``L`` (nothing to project, no K/V
-written). Off CUDA, or with graphs off, the projection is launched as it is.
+written). Off CUDA, with graphs off, or where ``fused_fill`` falls back to its torch reference, the projection
+is launched as it is.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ class FillGraphs:
     def reset(self) -> None:
         self._graphs.clear()
 
+    def graphable(self) -> bool:
+        """CUDA graphs on, and the projection is the Triton kernel (the torch reference reads indices on the host)."""
+        from eesim.kernels import fused_fill_uses_kernel
+
+        ex = self.ex
+        return ex.device.type == "cuda" and ex.cuda_graphs and fused_fill_uses_kernel(ex.k_cache, ex.k_cache,
+                                                                                       ex.backend)
+
     def run(self, h: Tensor, layer: np.ndarray, positions: np.ndarray, slots: np.ndarray, end: int) -> None:
         """Project the K/V of rows with exit states ``h`` that left at ``layer``, for layers up to ``end``."""
         ex = self.ex
-        if ex.device.type != "cuda" or not ex.cuda_graphs:
+        if not self.graphable():
             ex.project_kv(h, layer, positions, slots, end)
             return
         n = len(layer)
@@ -75,9 +84,9 @@ class FillGraphs:
 
     def capture(self, rows: int, first: int, end: int) -> int:
         """Capture the graph of ``rows`` padded rows leaving at ``first`` (up front); returns 1 if new."""
-        if (rows, first, end) in self._graphs:
-            return 0
         n = row_bucket(rows)
+        if (n, first, end) in self._graphs or not self.graphable():
+            return 0
         ex = self.ex
         static = self._ints.get(n)
         if static is None:
