@@ -203,10 +203,9 @@ class ProfileCostModel:
         self.g_mixed_chk = _grid(mixed[mixed["checks"] > 0], ["batch", "tokens"], roof_mixed) \
             if len(mixed[mixed["checks"] > 0]) else None
         self.mixed_context = float(meta.get("mixed_context", 512))
-        self.owing_fixed = {"proj": 0.0, "recompute": 0.0}  # set by _owed_grid
-        self.g_proj = self._owed_grid(frame, "proj", roof_owed)
-        self.g_recompute = self._owed_grid(frame, "recompute", roof_owed)
-        self._set_policy(self.policy)  # (again: the owing term needs the owed grids)
+        self.owing_fixed = {}  # owed component -> what owing costs a step that runs none of its owed rows
+        self.g_proj, self.owing_fixed["proj"] = self._owed_grid(frame, "proj", roof_owed)
+        self.g_recompute, self.owing_fixed["recompute"] = self._owed_grid(frame, "recompute", roof_owed)
 
         # ---- dense tables for the vectorised decode path ----
         step = max(16, model.max_context // 256)
@@ -360,10 +359,12 @@ class ProfileCostModel:
             out *= float(roof(x0, x1)) / float(roof(c0, c1))
         return out, flag
 
-    def _owed_grid(self, frame, comp, roof):
+    def _owed_grid(self, frame, comp, roof) -> tuple[Grid | None, float]:
+        """The owed rows' marginal grid (layers x rows), and its fixed part (what owing costs before any
+        owed row runs)."""
         sub = frame[frame["component"] == comp]
         if not len(sub):
-            return None
+            return None, 0.0
         meta = self.profile.meta
         b, c = int(meta.get("owed_batch", sub["batch"].iloc[0])), int(meta.get("owed_context", sub["context"].iloc[0]))
         # the marginal over the same step owing nothing: full depth, plus the general path's checks where the
@@ -378,10 +379,11 @@ class ProfileCostModel:
         # linearly in the layers they ran to none (the staging and gathering of owed state on the general path)
         few = sub[sub["tokens"] == sub["tokens"].min()].sort_values("layers")
         lay, val = few["layers"].to_numpy(np.float64), few["median_s"].to_numpy()
+        fixed = 0.0
         if len(few) >= 2 and np.ptp(lay) > 0:
             slope = np.polyfit(lay, val, 1)[0]
-            self.owing_fixed[comp] = float(max(np.median(val - slope * lay), 0.0))
-        return _grid(sub, ["layers", "tokens"], roof)
+            fixed = float(max(np.median(val - slope * lay), 0.0))
+        return _grid(sub, ["layers", "tokens"], roof), fixed
 
     def _check_table(self, chk, rows):
         S = self.S
@@ -871,11 +873,14 @@ class ProfileCostModel:
         # projection then is one fused launch, priced as fill
         self.graphs_fresh = kv_policy is not None and kv_policy.settles_exits_after_the_pass
         self.graphed_projection = self.graphs_fresh and kv_policy.work == "kv_projection"
-        # a step that starts owing but runs none of its owed rows (they wait for a deeper pass) still pays
-        # for owing on the general path: the owed grid's fixed part
-        fixed = getattr(self, "owing_fixed", None)  # (None while __init__ has not fitted the owed grids yet)
-        self.owing_step = 0.0 if self.fill_like or fixed is None else \
-            fixed["recompute" if kv_policy.work == "full_layers" else "proj"]
+
+    @property
+    def owing_step(self) -> float:
+        """What a step that starts owing but runs none of its owed rows (they wait for a deeper pass) pays
+        for owing on the general path: the policy's owed grid's fixed part (0 under fill)."""
+        if self.fill_like:
+            return 0.0
+        return self.owing_fixed["recompute" if self.policy.work == "full_layers" else "proj"]
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing

@@ -24,18 +24,23 @@ class FillGraphs:
         self.ex = executor
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._ints: dict[int, Tensor] = {}  # padded rows -> (3, rows) int32 (layer, position, slot)
+        self._kernel: bool | None = None  # whether fused_fill runs its Triton kernel here (asked once)
         self.captures = 0
-
-    def reset(self) -> None:
-        self._graphs.clear()
 
     def graphable(self) -> bool:
         """CUDA graphs on, and the projection is the Triton kernel (the torch reference reads indices on the host)."""
-        from eesim.kernels import fused_fill_uses_kernel
-
         ex = self.ex
-        return ex.device.type == "cuda" and ex.cuda_graphs and fused_fill_uses_kernel(ex.k_cache, ex.k_cache,
-                                                                                       ex.backend)
+        if self._kernel is None:
+            from eesim.kernels import fused_fill_uses_kernel
+
+            self._kernel = ex.device.type == "cuda" and fused_fill_uses_kernel(ex.k_cache, ex.k_cache, ex.backend)
+        return self._kernel and ex.cuda_graphs
+
+    def _static(self, rows: int) -> Tensor:
+        static = self._ints.get(rows)
+        if static is None:
+            static = self._ints[rows] = torch.zeros(3, rows, dtype=torch.int32, device=self.ex.device)
+        return static
 
     def run(self, h: Tensor, layer: np.ndarray, positions: np.ndarray, slots: np.ndarray, end: int) -> None:
         """Project the K/V of rows with exit states ``h`` that left at ``layer``, for layers up to ``end``."""
@@ -49,10 +54,8 @@ class FillGraphs:
         ints[0] = ex.spec.num_layers
         ints[:, :n] = layer, positions, slots
         (staged,) = ex._pinned.stage(ints)
-        static = self._ints.get(rows)
-        if static is None:
-            static = self._ints[rows] = torch.zeros(3, rows, dtype=torch.int32, device=ex.device)
-        static.copy_(staged.view(3, rows))
+        static = self._static(rows)
+        static.copy_(staged)
         hbuf = ex._segment_graphs._buf(rows)
         if h.data_ptr() != hbuf.data_ptr():
             hbuf[:n].copy_(h)
@@ -87,10 +90,7 @@ class FillGraphs:
         n = row_bucket(rows)
         if (n, first, end) in self._graphs or not self.graphable():
             return 0
-        ex = self.ex
-        static = self._ints.get(n)
-        if static is None:
-            static = self._ints[n] = torch.zeros(3, n, dtype=torch.int32, device=ex.device)
-        static[0].fill_(ex.spec.num_layers)  # padding only: nothing is written
-        self._capture((n, first, end), ex._segment_graphs._buf(n), static)
+        static = self._static(n)
+        static[0].fill_(self.ex.spec.num_layers)  # padding only: nothing is written
+        self._capture((n, first, end), self.ex._segment_graphs._buf(n), static)
         return 1
