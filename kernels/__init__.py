@@ -18,6 +18,7 @@ from .kv_store import store_kv, store_kv_ref
 from .paged_attention import paged_decode_attention, paged_decode_attention_ref
 from .prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from .rmsnorm import rmsnorm, rmsnorm_ref
+from .rope_store import rotary_store_kv, rotary_store_kv_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_tables
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "fused_fill", "fused_fill_ref", "fused_fill_uses_kernel",
     "rmsnorm", "rmsnorm_ref",
     "apply_rotary", "apply_rotary_ref", "rotary_tables",
+    "rotary_store_kv", "rotary_store_kv_ref",
     "skinny_linear", "skinny_linear_ref", "SKINNY_MAX_ROWS",
     "max_prob_argmax", "max_prob_argmax_ref",
 ]

@@ -26,6 +26,8 @@ from eesim.kernels import (  # noqa: E402
     paged_decode_attention_ref,
     rmsnorm,
     rmsnorm_ref,
+    rotary_store_kv,
+    rotary_store_kv_ref,
     rotary_tables,
     skinny_linear,
     skinny_linear_ref,
@@ -367,6 +369,51 @@ def test_rotary_matches_ref(dtype, num_heads, num_kv_heads, head_dim):
     q2, k2 = q.clone(), k.clone()
     apply_rotary(q2, k2, pos, cos, sin, out=(q2, k2), backend="triton")
     assert torch.equal(q2, qo) and torch.equal(k2, ko)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_CONFIGS)
+def test_rotary_store_kv_matches_rotary_then_store(cache_dtype, num_heads, num_kv_heads, head_dim):
+    """Rotated Q out, rotated K and V in the cache at the row's slot; a padding row (slot -1) writes nothing."""
+    g = gen(13)
+    n, num_blocks = 6, 4
+    cos, sin = rotary_tables(100, head_dim, device=DEVICE)
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, cache_dtype)
+    pos = torch.randint(0, 100, (n,), generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=g)[:n]
+    slots[2] = -1
+    slots = slots.to(DEVICE)
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    kc, vc = (torch.randn(shape, generator=g).to(DEVICE, cache_dtype) for _ in range(2))
+    kc_ref, vc_ref, kc0, vc0 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    q = rotary_store_kv(qkv, num_heads, num_kv_heads, pos, cos, sin, kc, vc, slots, backend="triton")
+    q_ref = rotary_store_kv_ref(qkv, num_heads, num_kv_heads, pos, cos, sin, kc_ref, vc_ref, slots)
+    # the reference is the composition of the two kernels' own references
+    qr, _ = apply_rotary_ref(qkv[:, :num_heads * head_dim].view(n, num_heads, head_dim),
+                             qkv[:, :num_heads * head_dim].view(n, num_heads, head_dim), pos, cos, sin)
+    assert torch.equal(q_ref, qr)
+    tol = TOL[cache_dtype]
+    torch.testing.assert_close(q.float(), q_ref.float(), **tol)
+    targeted = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool, device=DEVICE)
+    targeted[slots[slots >= 0]] = True
+    for cache, ref, orig in ((kc, kc_ref, kc0), (vc, vc_ref, vc0)):
+        flat, flat_ref, flat0 = (c.view(-1, num_kv_heads, head_dim) for c in (cache, ref, orig))
+        assert torch.equal(flat[~targeted], flat0[~targeted])
+        torch.testing.assert_close(flat[targeted].float(), flat_ref[targeted].float(), **tol)
+    # the torch backend is the reference itself
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    assert torch.equal(rotary_store_kv(qkv, num_heads, num_kv_heads, pos, cos, sin, kc2, vc2, slots,
+                                       backend="torch"), q_ref)
+    assert torch.equal(kc2, kc_ref) and torch.equal(vc2, vc_ref)
+
+
+def test_rotary_store_kv_refuses_mismatched_shapes():
+    cos, sin = rotary_tables(16, 64)
+    kc = torch.zeros(2, BLOCK_SIZE, 2, 64)
+    with pytest.raises(ValueError, match="qkv has shape"):
+        rotary_store_kv(torch.randn(3, 4 * 64), 4, 2, torch.zeros(3, dtype=torch.long), cos, sin, kc, kc.clone(),
+                        torch.zeros(3, dtype=torch.long))
 
 
 @needs_triton

@@ -27,7 +27,8 @@ general_path.py.
 Matrix products go through ``_linear``: up to ``skinny_rows`` (16) rows the skinny-GEMM kernel
 (kernels/gemv.py; residual adds and, at one row, the MLP's silu * up fused in), cuBLAS above. The exit
 heads use it too (``_exit_logits``); the graphed max_prob check computes confidence and argmax in one
-kernel (kernels/confidence.py).
+kernel (kernels/confidence.py). Rotary and the K/V store are one kernel after the QKV projection
+(kernels/rope_store.py).
 
 Modes. ``model``: the confidences decide, emitted tokens are the model's argmax, ``agrees`` is reported
 True (whether an early exit agrees with full depth would need the full-depth pass it skipped; it is
@@ -56,6 +57,7 @@ from eesim.kernels import (
     paged_decode_attention,
     paged_prefill_attention,
     rmsnorm,
+    rotary_store_kv,
     rotary_tables,
     skinny_linear,
     store_kv,
@@ -386,17 +388,19 @@ class GPUExecutor:
         h = rmsnorm(x, w.ln1[layer], self.eps, backend=be)
         qd, kvd = H * hd, Hkv * hd
         qkv = self._linear(h, w.wqkv[layer])  # one GEMM for Q, K and V (weights.py says why)
-        q = qkv[:, :qd].view(n, H, hd)
-        k = qkv[:, qd:qd + kvd].view(n, Hkv, hd)
-        v = qkv[:, qd + kvd:].view(n, Hkv, hd)
-        q, k = apply_rotary(q, k, m.positions, self.cos, self.sin, backend=be)
-        if m.proj_hidden is not None:  # owed positions add K/V projections only: the K;V rows of wqkv
+        if m.proj_hidden is None:  # rotary and the K/V store in one kernel
+            q = rotary_store_kv(qkv, H, Hkv, m.positions, self.cos, self.sin, kc, vc, m.slots, backend=be)
+        else:  # owed positions add K/V projections only: the K;V rows of wqkv
+            q = qkv[:, :qd].view(n, H, hd)
+            k = qkv[:, qd:qd + kvd].view(n, Hkv, hd)
+            v = qkv[:, qd + kvd:].view(n, Hkv, hd)
+            q, k = apply_rotary(q, k, m.positions, self.cos, self.sin, backend=be)
             kv = self._linear(rmsnorm(m.proj_hidden, w.ln1[layer], self.eps, backend=be), w.wqkv[layer][qd:])
             kp = kv[:, :kvd].reshape(-1, Hkv, hd)
             _, kp = apply_rotary(kp, kp, m.proj_positions, self.cos, self.sin, backend=be)
             k = torch.cat([k, kp])
             v = torch.cat([v, kv[:, kvd:].view(-1, Hkv, hd)])
-        store_kv(k, v, kc, vc, m.slots, backend=be)
+            store_kv(k, v, kc, vc, m.slots, backend=be)
         P = m.num_paged
         if P == n:  # decode rows only: the kernel's output is the attention (no copy)
             attn = paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens, backend=be)
