@@ -11,8 +11,11 @@ iteration's work into the profiled components and adds them up:
   measurement): per checked batch size, from the check grid (graphed path); a step of a KV policy other
   than fill that runs the general path (it starts owing) adds that path's excess over the graphed one
   once (``check_eager`` less ``check``: its host-built metadata and eager boundaries are per step), and,
-  when none of its owed rows runs in it (nor, under copy_hidden, any projection), the owed grid's fixed
-  part (``owing_step``: the marginal of the fewest owed rows extrapolated to no layers);
+  when none of its owed rows runs in it (nor, under copy_hidden, any projection), instead what the
+  profile measured owing adds to a step whose rows leave at that exit (``leave_owing_*`` less ``leave``,
+  by batch: ``idle_tab``), or, for profiles without those points or a pass to full depth, that excess
+  plus the owed grid's fixed part (``owing_step``: the marginal of the fewest owed rows extrapolated to
+  no layers);
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
 - prefill: a step whose attention exceeds its KV reads holds a prompt chunk; its token count and the
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
@@ -206,6 +209,11 @@ class ProfileCostModel:
         self.owing_fixed = {}  # owed component -> what owing costs a step that runs none of its owed rows
         self.g_proj, self.owing_fixed["proj"] = self._owed_grid(frame, "proj", roof_owed)
         self.g_recompute, self.owing_fixed["recompute"] = self._owed_grid(frame, "recompute", roof_owed)
+        # what owing adds to a step whose rows leave at an exit, measured (profiles since 2026-11-23): the
+        # leave_owing_* points less the leave points at the same exit and batch; (rows, reach), NaN where unmeasured
+        self.leave_excess = {name: self._leave_table(frame, f"leave_owing_{name}", rows)
+                             for name in ("proj", "recompute")}
+        self.idle_tab = self._idle_table()
 
         # ---- dense tables for the vectorised decode path ----
         step = max(16, model.max_context // 256)
@@ -385,6 +393,26 @@ class ProfileCostModel:
             fixed = float(max(np.median(val - slope * lay), 0.0))
         return _grid(sub, ["layers", "tokens"], roof), fixed
 
+    def _leave_table(self, frame, comp, rows) -> np.ndarray | None:
+        """(rows, reach) seconds that owing K/V adds to a step whose rows all leave at exit ``reach``: the
+        ``comp`` points less the ``leave`` points (same exit, batch, context), linear in the batch between the
+        measured ones and held beyond them; NaN at the last column (no exit) and where a point is missing."""
+        owing, leave = frame[frame["component"] == comp], frame[frame["component"] == "leave"]
+        if not len(owing) or not len(leave):
+            return None
+        tab = np.full((len(rows), self.S), np.nan)
+        base = leave.set_index(["layers", "batch", "context"])["median_s"]
+        for r, e in enumerate(self.model.exit_layers):
+            sub = owing[owing["layers"] == e].sort_values("batch")
+            keys = list(zip(sub["layers"], sub["batch"], sub["context"]))
+            have = np.array([k in base.index for k in keys], dtype=bool)
+            if not have.any():
+                continue
+            bs = sub["batch"].to_numpy(np.float64)[have]
+            excess = np.maximum(sub["median_s"].to_numpy()[have] - base.loc[[k for k, h in zip(keys, have) if h]].to_numpy(), 0.0)
+            tab[1:, r] = np.interp(rows[1:], bs, excess)
+        return tab
+
     def _check_table(self, chk, rows):
         S = self.S
         tab = np.zeros(len(rows))
@@ -474,9 +502,9 @@ class ProfileCostModel:
                 if graphed is not None:
                     eager &= ~graphed
                 extra = self.gen_step_tab[ci[:, 0]]
-                if self.owing_step:  # owing, with no owed row run in this step
+                if self.idle_tab is not None:  # owing, with no owed row run in this step
                     idle = (work.carried > 0) & ~(rec.any(axis=1) | work.proj_rows.any(axis=1))
-                    extra = extra + np.where(idle, self.owing_step, 0.0)
+                    extra = np.where(idle, self.idle_tab[ci[:, 0], work.batch_reach], extra)
                 parts["checks"] = parts["checks"] + np.where(eager, extra, 0.0)
         if has_fill:
             rows = np.maximum.reduce(proj_fill, axis=1)
@@ -723,9 +751,8 @@ class ProfileCostModel:
             parts["checks"] = _psum([ctab[min(int(c), Dmax)] * w for c, w in zip(chk, nt)])
             if not self.fill_like and not graphed and not chunk and chk[0] > 0:
                 extra = self._s_gen_step[min(int(chk[0]), Dmax)]
-                if self.owing_step:  # owing, with no owed row run in this step
-                    idle = work.carried.item(0) > 0 and not (has_rec or any(proj))
-                    extra = extra + (self.owing_step if idle else 0.0)
+                if self.idle_tab is not None and work.carried.item(0) > 0 and not (has_rec or any(proj)):
+                    extra = float(self.idle_tab[min(int(chk[0]), Dmax), int(work.batch_reach[0])])  # owing, idle
                 parts["checks"] = parts["checks"] + extra
         if fill_proj:
             rows = max(proj)
@@ -873,6 +900,20 @@ class ProfileCostModel:
         # projection then is one fused launch, priced as fill
         self.graphs_fresh = kv_policy is not None and kv_policy.settles_exits_after_the_pass
         self.graphed_projection = self.graphs_fresh and kv_policy.work == "kv_projection"
+        self.idle_tab = self._idle_table() if hasattr(self, "leave_excess") else None
+
+    def _idle_table(self) -> np.ndarray | None:
+        """(rows, reach): what a general-path step that starts owing and runs none of its owed rows pays beyond
+        its decode and graphed checks. Where the profile measured such a step leaving at that exit
+        (``leave_excess``), that; elsewhere (no exit, older profiles) the general path's excess plus the owed
+        grid's fixed part. None under fill (nothing owed across steps)."""
+        if self.fill_like:
+            return None
+        tab = np.repeat((self.gen_step_tab + self.owing_step)[:, None], self.S, axis=1)
+        measured = self.leave_excess.get("recompute" if self.policy.work == "full_layers" else "proj")
+        if measured is not None:
+            tab = np.where(np.isnan(measured), tab, measured)
+        return tab
 
     @property
     def owing_step(self) -> float:

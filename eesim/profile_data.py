@@ -3,12 +3,14 @@
 A profile is one parquet file, one row per measurement::
 
     component  str    decode | check | check_eager | fill | prefill | mixed | proj | recompute | schedule | fixed |
-                      bookkeeping
-    layers     int64  layers run (decode), layers skipped (fill), layers projected / re-run (proj, recompute)
-    batch      int64  decode rows (decode, check, mixed, proj, recompute), exited rows (fill), running seqs (schedule, bookkeeping)
-    context    int64  positions per decode row (decode, check, mixed), cached positions before a chunk (prefill)
+                      bookkeeping | leave | leave_owing_proj | leave_owing_recompute
+    layers     int64  layers run (decode), layers skipped (fill), layers projected / re-run (proj, recompute), the
+                      exit layer where every row leaves (leave*)
+    batch      int64  decode rows (decode, check, mixed, proj, recompute, leave*), exited rows (fill), running seqs
+                      (schedule, bookkeeping)
+    context    int64  positions per decode row (decode, check, mixed, leave*), cached positions before a chunk (prefill)
     tokens     int64  prefill chunk tokens (prefill, mixed), owed rows (proj, recompute)
-    checks     int64  exits checked (check, check_eager, mixed)
+    checks     int64  exits checked (check, check_eager, mixed, leave*)
     median_s   float64  median seconds over the repeats
     p25_s, p75_s float64  quartiles (their difference is the IQR)
     repeats    int64  timed repeats after warm-up
@@ -37,7 +39,7 @@ from eesim.model_spec import ModelSpec
 FORMAT = 1
 META_KEY = b"eesim_profile"
 COMPONENTS = ("decode", "check", "check_eager", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed",
-              "bookkeeping")
+              "bookkeeping", "leave", "leave_owing_proj", "leave_owing_recompute")
 COORDS = ("layers", "batch", "context", "tokens", "checks")
 COLUMNS = ("component", *COORDS, "median_s", "p25_s", "p75_s", "repeats")
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_size", "vocab_size",

@@ -20,7 +20,8 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
     exits at once; they are rescaled to the model's number of checks, keeping the per-check cost (proj and
     recompute points timed with checks lose the dropped exits' checks, priced from ``check_eager``).
-    Decode points at dropped exits are removed.
+    Decode and leave points at dropped exits are removed; leave points at kept exits lose the dropped exits'
+    checks before them (graphed for ``leave``, eager for the owing kinds).
     """
     # imported here, not at the top: profile_cost imports this module
     from eesim.profile_cost import ProfileCostModel
@@ -63,9 +64,20 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     dropped = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[inner]], dtype=np.float64)
     rows = np.minimum(f["batch"].to_numpy().astype(np.int64), ref.max_rows)
     med[inner] -= dropped * ref.chk_tab[rows[inner]]
+    # leave points (every row out at e after the checks at every profiled exit up to e): kept at the model's
+    # exits, the dropped exits' checks taken out, graphed ones from ``leave``, eager ones from the owing kinds
+    leave = np.isin(comp, ("leave", "leave_owing_proj", "leave_owing_recompute"))
+    keep &= ~leave | np.isin(layers, model.exit_layers)
+    kept_leave = leave & keep
+    if kept_leave.any():
+        drop_l = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[kept_leave]], dtype=np.float64)
+        tab = np.where(comp[kept_leave] == "leave", ref.chk_tab[rows[kept_leave]], ref.chk_eager_tab[rows[kept_leave]])
+        med[kept_leave] -= drop_l * tab
     f["median_s"] = med
     checks = np.isin(comp, ("check", "check_eager")) | mixed_checked | owed_checked
     f.loc[checks, "checks"] = model.num_segments - 1
+    if kept_leave.any():
+        f.loc[kept_leave, "checks"] = [k_model[int(e)] + 1 for e in layers[kept_leave]]
     meta = dict(profile.meta)
     meta["model"] = spec_to_meta(model)
     meta["derived"] = f"exits {list(pm.exit_layers)} restricted to {list(model.exit_layers)} (restrict_exits)"

@@ -26,6 +26,13 @@ Components (coordinates in brackets; policy fill unless said; every decode row m
              check, on the general path; the cost model takes ``check_eager`` out)
   recompute  [layers, batch, tokens, checks]  recompute: ``tokens`` owed positions re-run the last
              ``layers`` layers beside their rows, the step checked as for proj
+  leave      [layer, batch, context, checks]  every row forced out at exit ``layer`` (``checks`` exits
+             checked, the last one where they leave) under recompute, nobody owing: the graphed path
+  leave_owing_proj, leave_owing_recompute  the same step when the batch starts owing K/V (one position per
+             row, owed from that exit layer on, so none of it runs in this step), under copy_hidden or
+             recompute: the general path. Served, such steps are most of what these policies' early exits
+             cost (a row that left owes; its next step often leaves again); their difference to ``leave`` is
+             what owing adds to a step
   schedule   [batch]  host seconds of ``Scheduler.schedule`` for ``batch`` running decode sequences
   bookkeeping [batch] host seconds a serving loop spends per iteration after the GPU: the executor's
                       tail after its last kernel (outcome, work count), ``Scheduler.update`` and the
@@ -52,6 +59,7 @@ from eesim.profile_data import (COORDS, Profile, empty_frame, environment, read_
                                 spec_to_meta, write_profile)
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "traces" / "profiles"
+LEAVE_COMPONENTS = ("leave", "leave_owing_proj", "leave_owing_recompute")
 
 
 @dataclass
@@ -68,8 +76,9 @@ class ProfileGrid:
     owed_rows: tuple[int, ...] = (1, 8, 32, 128)
     owed_batch: int = 8
     owed_context: int = 512
+    leave_batches: tuple[int, ...] = (1, 2, 4, 8)
     components: tuple[str, ...] = ("schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill", "prefill", "mixed",
-                                   "proj", "recompute")
+                                   "proj", "recompute", "leave", "leave_owing_proj", "leave_owing_recompute")
     warmup: int = 2
     repeats: int = 7
     # decode rows' contexts spread evenly over context x (1 -/+ decode_spread), their mean exact (served
@@ -97,7 +106,7 @@ GRIDS = {
     # a few points (the CPU tests; timings meaningless)
     "tiny": ProfileGrid(batches=(1, 4), contexts=(16, 64), chunks=(16, 48), prefill_contexts=(0, 32),
                         mixed_batches=(2,), mixed_chunks=(16,), mixed_context=32, check_context=32, owed_rows=(2,),
-                        owed_batch=2, owed_context=32, warmup=1, repeats=2, rounds=2),
+                        owed_batch=2, owed_context=32, leave_batches=(1, 2), warmup=1, repeats=2, rounds=2),
 }
 
 
@@ -260,6 +269,10 @@ class Profiler:
                 pts += [(comp, L - d, g.owed_batch, g.owed_context, m, S - 1) for d in depths for m in g.owed_rows
                         if m < g.owed_batch * (g.owed_context - 1) and self.fits(g.owed_batch * g.owed_context,
                                                                                  g.owed_batch)]
+        if S > 1:  # per exit layer, the three kinds of leave step one after the other (one configure each)
+            pts += [(c, e, b, g.check_context, 0, k + 1) for k, e in enumerate(spec.exit_layers)
+                    for c in LEAVE_COMPONENTS if c in comps for b in g.leave_batches
+                    if self.fits(b * g.check_context, b)]
         if "decode" in comps:  # the exit layers last: one configure per layer
             for e in sorted(x for x in layers if x != L):
                 pts += [("decode", e, b, c, 0, 0) for b in g.batches for c in g.contexts if self.fits(b * c, b)]
@@ -295,7 +308,7 @@ class Profiler:
     def host_bound(self, point: tuple) -> bool:
         """Whether a point's step waits on the host mid-pass (measured in ``grid.rounds`` rounds)."""
         comp, layers, _, _, _, checks = point
-        return comp in ("check", "check_eager", "proj", "recompute") or (comp == "mixed" and checks > 0) or \
+        return comp in ("check", "check_eager", "proj", "recompute", *LEAVE_COMPONENTS) or (comp == "mixed" and checks > 0) or \
             (comp == "decode" and layers < self.spec.num_layers)
 
     def _configure(self, setting, want):
@@ -397,6 +410,21 @@ class Profiler:
                 b = j % batch
                 owed[b].append((contexts[b] - 2 - j // batch, depth))
             owed = [sorted(o) for o in owed]
+            times, work = self.time_plan(plan, owed)
+            self.record(point, times, work)
+            return setting
+        if comp in LEAVE_COMPONENTS:
+            policy = "copy_hidden" if comp == "leave_owing_proj" else "recompute"
+            k = spec.all_exits.index(layers)
+            want = (f"exit_at:{k}", policy)
+            if setting != want:
+                ex.configure(spec, ExitAt(k), policy, "max_prob", 0.9, "model", None)
+                setting = want
+            contexts = self.contexts(ctx, batch)
+            _, plan = self.state(contexts)
+            # each row owes its previous position from this exit on: owing sends the step down the general
+            # path, and none of it runs in a step that leaves here
+            owed = None if comp == "leave" else [[(c - 2, layers)] for c in contexts]
             times, work = self.time_plan(plan, owed)
             self.record(point, times, work)
             return setting

@@ -602,3 +602,86 @@ def test_analytical_one_step_path_equals_the_array_path_bit_for_bit(exits):
     whole = model.iteration_time(work)  # the array path (more than one step)
     for t in range(200):
         assert model.iteration_time(work.step(t)).tolist() == [whole[t]], t
+
+
+LEAVE_BATCHES = (1, 2, 4, 8)
+
+
+def leave_frame(spec=SPEC):
+    """synthetic_frame with leave points (every row out at e, graphed) and the same steps starting owing: +1.5 ms
+    + 0.1 ms per row under recompute, +0.7 ms under copy_hidden."""
+    frame = synthetic_frame(spec)
+    rows = []
+    for k, e in enumerate(spec.exit_layers):
+        for b in LEAVE_BATCHES:
+            t = 100e-6 + e * (150e-6 + 0.5e-6 * b + 2e-9 * b * 512) + k * (60e-6 + 0.2e-6 * b) + 40e-6
+            for comp, extra in (("leave", 0.0), ("leave_owing_recompute", 1.5e-3 + 0.1e-3 * b),
+                                ("leave_owing_proj", 0.7e-3)):
+                rows.append(dict(component=comp, layers=e, batch=b, context=512, tokens=0, checks=k + 1,
+                                 median_s=t + extra, p25_s=t + extra, p75_s=t + extra, repeats=5))
+    return pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
+
+
+@pytest.mark.parametrize("kv", ["copy_hidden", "recompute"])
+def test_measured_leave_excess_prices_owing_steps_that_run_no_owed_row(tmp_path, kv):
+    """A step that starts owing, runs none of its owed rows and whose rows leave at exit k pays what the profile
+    measured owing adds to that step (leave_owing_* less leave, linear in the batch between the measured ones);
+    a step without such points (a pass to full depth) keeps the general path's excess and the owed grid's part."""
+    from dataclasses import replace
+
+    path = tmp_path / "leave.parquet"
+    write_profile(path, leave_frame(), META)
+    m = ProfileCostModel(path, SPEC, kv_policy=kv, include_schedule=False)
+    law = (lambda b: 1.5e-3 + 0.1e-3 * b) if kv == "recompute" else (lambda b: 0.7e-3)
+    for b, k in ((1, 0), (2, 1), (3, 0), (8, 2), (12, 1)):
+        work = decode_work(SPEC, b, 512, exit_k=k)
+        work = replace(work, proj_rows=np.zeros_like(work.proj_rows))  # leaving rows owe: nothing projected
+        fresh, owing = replace(work, carried=np.zeros(1)), replace(work, carried=np.ones(1))
+        want = law(min(b, 8))  # held beyond the largest measured batch
+        assert m.breakdown(owing)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + want, rel=1e-9)
+        assert m.iteration_time(owing)[0] == pytest.approx(m.iteration_time(fresh)[0] + want, rel=1e-9)
+    # owed rows running: the general path's excess alone, as before
+    riding = owed_work(SPEC, 4, 512, 4, 0, kv)
+    old = ProfileCostModel(Profile(synthetic_frame(), META, ""), SPEC, kv_policy=kv, include_schedule=False)
+    assert m.iteration_time(riding)[0] == pytest.approx(old.iteration_time(riding)[0], rel=1e-12)
+    # fill owes nothing across steps: no table
+    assert ProfileCostModel(path, SPEC, kv_policy="fill").idle_tab is None
+
+
+@pytest.mark.parametrize("kv", ["copy_hidden", "recompute"])
+def test_leave_excess_one_step_path_equals_the_array_path(tmp_path, kv):
+    path = tmp_path / "leave.parquet"
+    write_profile(path, leave_frame(), META)
+    fast = ProfileCostModel(path, SPEC, kv_policy=kv)
+    slow = ProfileCostModel(path, SPEC, kv_policy=kv)
+    slow._one_step = False
+    from dataclasses import replace
+
+    rng = np.random.default_rng(12)
+    work = _mixed_record(rng, SPEC, 120)
+    owes = rng.integers(0, 2, 120).astype(np.float64)  # half the steps start owing, some of them project nothing
+    quiet = (rng.integers(0, 2, 120) > 0)[:, None]
+    work = replace(work, carried=owes, proj_rows=np.where(quiet, 0.0, work.proj_rows))
+    whole = fast.iteration_time(work)
+    for t in range(120):
+        step = work.step(t)
+        assert fast.iteration_time(step).tolist() == slow.iteration_time(step).tolist() == [whole[t]], t
+
+
+def test_restricted_leave_points_keep_the_models_exits(tmp_path):
+    """restrict_exits keeps leave points at the model's exits only, less the dropped exits' checks (graphed for
+    leave, eager for the owing kinds), so their difference keeps what owing adds."""
+    from eesim.profile_cost import restrict_exits
+
+    wide = MODEL_PRESETS["llama2-7b"].with_exits((4, 8, 16, 24))
+    frame = leave_frame(wide)
+    profile = Profile(frame, {**META, "model": spec_to_meta(wide)}, "")
+    narrow = restrict_exits(profile, SPEC).frame
+    ref = ProfileCostModel(profile, wide, kv_policy="fill", include_schedule=False)
+    for comp, tab in (("leave", ref.chk_tab), ("leave_owing_recompute", ref.chk_eager_tab)):
+        before = frame[frame.component == comp].set_index(["layers", "batch"])
+        after = narrow[narrow.component == comp].set_index(["layers", "batch"])
+        assert sorted(set(after.index.get_level_values(0))) == list(SPEC.exit_layers)
+        assert (after["checks"] == [SPEC.exit_layers.index(e) + 1 for e in after.index.get_level_values(0)]).all()
+        b = after.index.get_level_values(1).to_numpy()
+        np.testing.assert_allclose(after["median_s"], before.loc[after.index, "median_s"] - tab[b], rtol=1e-9)

@@ -42,12 +42,29 @@ def test_every_grid_point_present(swept):
         index=False, name=None)))
     assert got == set(prof.points())
     assert set(frame["component"]) == {"schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill",
-                                       "prefill", "mixed", "proj", "recompute"}
+                                       "prefill", "mixed", "proj", "recompute", "leave", "leave_owing_proj",
+                                       "leave_owing_recompute"}
     # decode: every exit layer and the last x every batch x context
     dec = frame[frame.component == "decode"]
     assert len(dec) == len(SPEC.all_exits) * 2 * 2
     assert (frame["p25_s"] <= frame["median_s"]).all() and (frame["median_s"] <= frame["p75_s"]).all()
     assert (frame["repeats"] >= 2).all()
+
+
+def test_leave_points_leave_at_their_exit_owing_or_not(swept):
+    """leave*: every exit layer x leave batch, each kind; every row leaves at the point's exit (nothing run past
+    it), the owing kinds start owing K/V (the general path) and run none of it, ``leave`` owes nothing."""
+    path, prof = swept
+    frame = read_profile(path).frame
+    for comp in ("leave", "leave_owing_proj", "leave_owing_recompute"):
+        sub = frame[frame.component == comp]
+        assert sorted(zip(sub.layers, sub.batch)) == sorted((e, b) for e in SPEC.exit_layers for b in (1, 2))
+        assert (sub.checks == [SPEC.exit_layers.index(e) + 1 for e in sub.layers]).all()
+        for row in sub.itertuples():
+            work = prof.works[(comp, row.layers, row.batch, row.context, row.tokens, row.checks)]
+            assert int(work.batch_reach[0]) == SPEC.exit_layers.index(row.layers)  # the segments run before the exit
+            assert not work.recompute_rows.any() and not work.proj_rows[:, :].any() if comp != "leave" else True
+            assert (int(work.carried[0]) > 0) == (comp != "leave")
 
 
 def test_host_bound_points_pool_their_rounds(swept):
