@@ -144,6 +144,7 @@ def main() -> None:
                         help="comma list of: full, exit, check, torch, profile (batch-1 breakdown), micro")
     parser.add_argument("--hf-batches", default="1,16,64", help="batches of the hf section")
     parser.add_argument("--hf-new", type=int, default=64, help="new tokens per generate() in the hf section")
+    parser.add_argument("--profile-batches", default="1", help="batches of the profile section (comma list)")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -267,7 +268,8 @@ def main() -> None:
             add("check", 1, fixed, L, sec, step_bytes(spec, 1, fixed, L, heads=heads), pred, note=note)
 
     if "profile" in sections and cuda:
-        profile_step(ex, spec, trace, fixed)
+        for batch in (int(b) for b in args.profile_batches.split(",")):
+            profile_step(ex, spec, trace, fixed, batch=batch)
     if "micro" in sections and cuda:
         micro(ex, spec)
 
@@ -362,15 +364,17 @@ def _category(name: str) -> str:
     return "elementwise/other"
 
 
-def profile_step(ex: GPUExecutor, spec: ModelSpec, trace, ctx: int, steps: int = 5) -> None:
-    """Where a batch-1 decode step's time goes: kernel time per category (torch.profiler, CUDA
-    activities), kernel count, device-idle time (event elapsed minus kernel time), host time."""
+def profile_step(ex: GPUExecutor, spec: ModelSpec, trace, ctx: int, steps: int = 5, batch: int = 1) -> None:
+    """Where a decode step's time goes: kernel time per category (torch.profiler, CUDA activities), kernel
+    count, device-idle time (event elapsed minus kernel time), host time. The checked rules at batch 1 only."""
     from torch.profiler import ProfilerActivity, profile
 
     for label, rule, meas in (("full rule", "full", "max_prob"), ("7 checks max_prob", NeverExit(), "max_prob"),
                               ("7 checks cosine", NeverExit(), "cosine")):
+        if batch > 1 and rule != "full":
+            continue
         ex.configure(spec, rule, "fill", meas, 0.9, "replay", trace)
-        _, plan = decode_plan(ex, 1, ctx)
+        _, plan = decode_plan(ex, batch, ctx)
         for _ in range(3):
             ex.execute(plan)
         torch.cuda.synchronize()
@@ -392,7 +396,7 @@ def profile_step(ex: GPUExecutor, spec: ModelSpec, trace, ctx: int, steps: int =
             c[1] += ev.count / steps
         busy = sum(v[0] for v in cats.values())
         el = float(np.median(elapsed)) * 1e6
-        print(f"profile B=1 ctx={ctx} {label}: elapsed {el:7.0f} us, host {np.median(host) * 1e6:7.0f} us, "
+        print(f"profile B={batch} ctx={ctx} {label}: elapsed {el:7.0f} us, host {np.median(host) * 1e6:7.0f} us, "
               f"kernels {busy:7.0f} us in {sum(v[1] for v in cats.values()):.0f} launches, "
               f"device idle {el - busy:7.0f} us", flush=True)
         for name, (t, n) in sorted(cats.items(), key=lambda kv: -kv[1][0]):

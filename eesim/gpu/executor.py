@@ -25,7 +25,8 @@ then ``rule.decide(confident, active, k)``; leaving rows emit that exit's argmax
 general_path.py.
 
 Matrix products go through ``_linear``: up to ``skinny_rows`` (16) rows the skinny-GEMM kernel
-(kernels/gemv.py; residual adds and, at one row, the MLP's silu * up fused in), cuBLAS above. The exit
+(kernels/gemv.py; residual adds and the MLP's silu(gate) * up fused in: at one row into the down
+GEMV's prologue, above into the gate+up GEMM's epilogue), cuBLAS above. The exit
 heads use it too (``_exit_logits``); the graphed max_prob check computes confidence and argmax in one
 kernel (kernels/confidence.py). Rotary and the K/V store are one kernel after the QKV projection
 (kernels/rope_store.py).
@@ -415,8 +416,11 @@ class GPUExecutor:
         # residual adds (and the MLP's silu * up) ride in the skinny GEMM at small batches
         x = self._linear(attn.reshape(n, H * hd), w.wo[layer], residual=x)
         h2 = rmsnorm(x, w.ln2[layer], self.eps, backend=be)
-        gu = self._linear(h2, w.w_gate_up[layer])
-        return self._linear(gu, w.w_down[layer], residual=x, act="silu_mul")
+        if n == 1:  # one row: silu(gate) * up in the down GEMV's prologue (benchmarks/mlp_bench.py: 3% faster)
+            gu = self._linear(h2, w.w_gate_up[layer])
+            return self._linear(gu, w.w_down[layer], residual=x, act="silu_mul")
+        act = self._linear(h2, w.w_gate_up[layer], act="glu")  # in the gate+up GEMM's epilogue (no torch ops)
+        return self._linear(act, w.w_down[layer], residual=x)
 
     def _linear(self, x: Tensor, w: Tensor, residual: Tensor | None = None, act: str | None = None) -> Tensor:
         """``act(x) @ w.T (+ residual)``: the skinny-GEMM kernel up to ``skinny_rows`` rows, else torch."""
