@@ -396,7 +396,8 @@ class ProfileCostModel:
     def _leave_table(self, frame, comp, rows) -> np.ndarray | None:
         """(rows, reach) seconds that owing K/V adds to a step whose rows all leave at exit ``reach``: the
         ``comp`` points less the ``leave`` points (same exit, batch, context), linear in the batch between the
-        measured ones and held beyond them; NaN at the last column (no exit) and where a point is missing."""
+        measured ones (held below the smallest); NaN beyond the largest, at the last column (no exit) and
+        where a point is missing."""
         owing, leave = frame[frame["component"] == comp], frame[frame["component"] == "leave"]
         if not len(owing) or not len(leave):
             return None
@@ -410,7 +411,8 @@ class ProfileCostModel:
                 continue
             bs = sub["batch"].to_numpy(np.float64)[have]
             excess = np.maximum(sub["median_s"].to_numpy()[have] - base.loc[[k for k, h in zip(keys, have) if h]].to_numpy(), 0.0)
-            tab[1:, r] = np.interp(rows[1:], bs, excess)
+            inside = rows <= bs[-1]  # beyond the largest measured batch: NaN (``_idle_table`` continues it)
+            tab[1:, r] = np.where(inside[1:], np.interp(rows[1:], bs, excess), np.nan)
         return tab
 
     def _check_table(self, chk, rows):
@@ -905,14 +907,24 @@ class ProfileCostModel:
     def _idle_table(self) -> np.ndarray | None:
         """(rows, reach): what a general-path step that starts owing and runs none of its owed rows pays beyond
         its decode and graphed checks. Where the profile measured such a step leaving at that exit
-        (``leave_excess``), that; elsewhere (no exit, older profiles) the general path's excess plus the owed
-        grid's fixed part. None under fill (nothing owed across steps)."""
+        (``leave_excess``), that, and beyond its largest measured batch that value plus what the general path's
+        excess gains from there (continuous, and growing with the batch as the derived terms do); elsewhere (no
+        exit, older profiles) the general path's excess plus the owed grid's fixed part. None under fill
+        (nothing owed across steps)."""
         if self.fill_like:
             return None
-        tab = np.repeat((self.gen_step_tab + self.owing_step)[:, None], self.S, axis=1)
+        fallback = self.gen_step_tab + self.owing_step
+        tab = np.repeat(fallback[:, None], self.S, axis=1)
         measured = self.leave_excess.get("recompute" if self.policy.work == "full_layers" else "proj")
         if measured is not None:
-            tab = np.where(np.isnan(measured), tab, measured)
+            for r in range(self.S):
+                have = np.flatnonzero(~np.isnan(measured[:, r]))
+                if not len(have):
+                    continue
+                top = have[-1]
+                tab[: top + 1, r] = np.where(np.isnan(measured[: top + 1, r]), tab[: top + 1, r], measured[: top + 1, r])
+                # beyond the largest measured batch: the measured value, growing as the general path's excess does
+                tab[top + 1:, r] = measured[top, r] + np.maximum(fallback[top + 1:] - fallback[top], 0.0)
         return tab
 
     @property

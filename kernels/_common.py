@@ -7,6 +7,7 @@ placeholder, so kernel modules still import; only calling a Triton path then fai
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
@@ -71,6 +72,15 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # H100 SXM; only used to make the CPU/interpreter heuristics mirror the GPU
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (the H100's 228 KB less a margin on the CPU)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024) - 8 * 1024
+    return 220 * 1024
 
 
 def check_paged_attention(q, k_cache, v_cache) -> tuple[int, int, int, int]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import interpreting, tl, triton, use_triton
+from ._common import interpreting, shared_memory_bytes, tl, triton, use_triton
 
 MAX_ROWS = 16  # the kernel's row limit (one 16-row tl.dot tile); callers keep cuBLAS above their crossover
 
@@ -46,7 +46,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, st
     n_mask = offs_n < N
     offs_n_safe = tl.where(n_mask, offs_n, 0)  # rows past N read row 0 (never stored): no mask needed
     w_ptrs = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    u_ptrs = w_ptrs + N * stride_wn  # GLU: the up rows, N below the gate rows
+    # GLU: the up rows, N below the gate rows (int64 offsets, as the gate rows')
+    u_ptrs = w_ptr + (offs_n_safe + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -175,7 +176,7 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
             raise ValueError("act='glu' needs w of (2N, K) [gate; up] and no residual")
         n //= 2
     if k_in != (2 * k if act == "silu_mul" else k):
-        raise ValueError(f"x has {k_in} features, w expects {k}{' (x2 for silu_mul)' if act else ''}")
+        raise ValueError(f"x has {k_in} features, w expects {k}{' (x2 for silu_mul)' if act == 'silu_mul' else ''}")
     x2 = x.reshape(-1, k_in)
     m = x2.shape[0]
     if not use_triton(backend, x, w) or m > MAX_ROWS or m == 0:
@@ -209,8 +210,9 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     block_m = cfg[4] if len(cfg) > 4 else (1 if m == 1 else 16)  # a 5th entry 16 forces tl.dot at m=1
     if block_m > 1:  # the tl.dot path's pipeline holds `stages` copies of its tiles in shared memory (H100: 228 KB)
-        tiles = block_m * block_k * x2.element_size() + (2 if act == "glu" else 1) * block_n * block_k * w.element_size()
-        stages = max(1, min(stages, (220 * 1024) // tiles))
+        tiles = ((2 if act == "silu_mul" else 1) * block_m * block_k * x2.element_size()
+                 + (2 if act == "glu" else 1) * block_n * block_k * w.element_size())
+        stages = max(1, min(stages, shared_memory_bytes(x2.device) // tiles))
     upcast = w.dtype == torch.float32 or interpreting()
     if block_m == 1:
         sxm, sym, srm = 0, 0, 0

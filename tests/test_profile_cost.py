@@ -637,9 +637,16 @@ def test_measured_leave_excess_prices_owing_steps_that_run_no_owed_row(tmp_path,
         work = decode_work(SPEC, b, 512, exit_k=k)
         work = replace(work, proj_rows=np.zeros_like(work.proj_rows))  # leaving rows owe: nothing projected
         fresh, owing = replace(work, carried=np.zeros(1)), replace(work, carried=np.ones(1))
-        want = law(min(b, 8))  # held beyond the largest measured batch
+        want = law(min(b, 8))
+        if b > 8:  # beyond the largest measured batch: continued as the general path's excess grows from there
+            fallback = m.gen_step_tab + m.owing_step
+            want += max(fallback[b] - fallback[8], 0.0)
+            assert fallback[b] > fallback[8]  # (the synthetic eager checks grow with the batch: a real test)
         assert m.breakdown(owing)["checks"] == pytest.approx(m.breakdown(fresh)["checks"] + want, rel=1e-9)
         assert m.iteration_time(owing)[0] == pytest.approx(m.iteration_time(fresh)[0] + want, rel=1e-9)
+    # continuous at the largest measured batch, and never falling beyond it
+    col = m.idle_tab[8:, 1]
+    assert (np.diff(col) >= 0).all() and col[1] - col[0] < 1e-4
     # owed rows running: the general path's excess alone, as before
     riding = owed_work(SPEC, 4, 512, 4, 0, kv)
     old = ProfileCostModel(Profile(synthetic_frame(), META, ""), SPEC, kv_policy=kv, include_schedule=False)
