@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                              "requests": workload.num_requests, **result.summary.to_dict()})
             worst = errors.dropna(subset=["goal"]).assign(a=lambda f: f.error.abs()).sort_values("a").iloc[-1]
             print(f"{load:>6} {rule:>14}+{kv:<12} {time.perf_counter() - t0:5.1f} s  " + "  ".join(
-                f"{r.metric.replace('inter-token latency', 'ITL')} {r.error:+.1%}" for r in errors.itertuples()
-                if r.goal == r.goal) + f"  (worst {worst.metric}; {measured.labels.get('graph_captures', 0)} graph "
+                f"{r.metric.replace('inter-token latency', 'ITL')} {r.error:+.1%}"
+                + (f" [{r.error_lo:+.0%}, {r.error_hi:+.0%}]" if r.error_lo == r.error_lo else "")
+                for r in errors.itertuples() if r.goal == r.goal) + f"  (worst {worst.metric}; {measured.labels.get('graph_captures', 0)} graph "
                 f"captures while timed)", flush=True)
             pd.concat(rows).to_csv(out / "fidelity_matrix.csv", index=False)
             pd.DataFrame(runs).to_csv(out / "fidelity_runs.csv", index=False)

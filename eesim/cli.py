@@ -281,13 +281,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     table = Table(title=f"eesim validate — {config.model.name}, {args.mode} mode, {measured.labels['hardware']}, "
                         f"{measured.labels['exit_rule']} + {measured.labels['kv_policy']}, {workload.num_requests} "
                         f"requests ({workload.source})", title_justify="left")
-    for col in ("metric", "measured", "simulated", "error", "goal", "met"):
+    for col in ("metric", "measured", "simulated", "error", "95% band (requests)", "goal", "met"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for r in errors.itertuples():
         scale = 1.0 if r.metric.startswith(("throughput", "layers")) else 1e3
         unit = "" if scale == 1.0 else " ms"
+        band = "" if pd.isna(r.error_lo) else f"{r.error_lo:+.1%} .. {r.error_hi:+.1%}"
         table.add_row(r.metric, f"{r.measured * scale:,.2f}{unit}", f"{r.simulated * scale:,.2f}{unit}",
-                      f"{r.error:+.1%}", "" if pd.isna(r.goal) else f"±{r.goal:.0%}",
+                      f"{r.error:+.1%}", band, "" if pd.isna(r.goal) else f"±{r.goal:.0%}",
                       "" if pd.isna(r.goal) else ("yes" if r.met else "no"))
     Console(width=160).print(table)
     captured = measured.labels.get("graph_captures", 0)

@@ -160,6 +160,9 @@ def test_validate_compares_real_time_serving_with_the_simulator(tmp_path):
     assert {"throughput (tok/s)", "TTFT p50", "inter-token latency p99"} <= set(errors.index)
     # replay mode: the executor makes the simulator's exit decisions, so the depth per token agrees exactly
     assert errors.loc["layers per token", "error"] == pytest.approx(0.0, abs=1e-12)
+    # request-level metrics carry the error's band over the requests, around the error itself
+    ttft = errors.loc["TTFT p50"]
+    assert ttft.error_lo <= ttft.error_hi and errors["error_lo"].isna().loc["throughput (tok/s)"]
     requests = pd.read_parquet(tmp_path / "requests.parquet")
     # the small preset's exits on the H100: its bundled profile prices the simulation
     assert set(requests["run"]) == {"executor (measured, real time)",
