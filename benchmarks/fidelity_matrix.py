@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     model, trace, meas = base.model, base.trace, base.measure
     base = replace(base, cost_model=args.profile)  # priced per KV policy (eesim.cost_choice fits it once)
     executor = build_executor(replace(base, exit_rule=pairs[0][0], kv_policy=pairs[0][1]), "replay", args.num_blocks)
-    rows, runs, logs = [], [], []
+    rows, runs, logs, reqs = [], [], [], []
     if args.warmup:  # capture the CUDA graphs of every load's batch shapes once, before any timed run
         from eesim.gpu.serve import serve
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(errors)
             logs += [r.iterations.assign(load=load, policy=f"{rule}+{kv}", run=label)
                      for label, r in (("measured", measured), ("simulated", simulated))]
+            reqs += [r.requests.assign(load=load, policy=f"{rule}+{kv}", run=label)
+                     for label, r in (("measured", measured), ("simulated", simulated))]
             for label, result in (("measured", measured), ("simulated", simulated)):
                 runs.append({"load": load, "rate": rate, "policy": f"{rule}+{kv}", "run": label,
                              "requests": workload.num_requests, **result.summary.to_dict()})
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             pd.concat(rows).to_csv(out / "fidelity_matrix.csv", index=False)
             pd.DataFrame(runs).to_csv(out / "fidelity_runs.csv", index=False)
             pd.concat(logs).to_parquet(out / "fidelity_iterations.parquet", index=False)
+            # every request of both runs: error bands can be recomputed offline (fidelity_rescore.py --requests)
+            pd.concat(reqs).to_parquet(out / "fidelity_requests.parquet", index=False)
     if rows:
         table = pd.concat(rows)
         table["abs"] = table.error.abs()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fidelity_matrix import matrix_config  # noqa: E402
 from eesim.simulator import simulate  # noqa: E402
-from eesim.validate import error_table  # noqa: E402
+from eesim.validate import error_bands, error_table  # noqa: E402
 from eesim.workload import load_workload  # noqa: E402
 
 
@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals the matrix used")
     ap.add_argument("--num-blocks", type=int, default=2048)
+    ap.add_argument("--requests", default="", help="fidelity_requests.parquet of the same matrix: the measured "
+                    "requests, for each request-level error's 95%% band (eesim.validate.error_bands)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    requests = pd.read_parquet(args.requests) if args.requests else None
 
     runs = pd.read_csv(args.runs)
     measured = runs[runs.run == "measured"]
@@ -46,14 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         workload, _ = load_workload(f"poisson:rate={r.rate:g},duration={args.duration:g}", seed=0).clip(model.max_context)
         if workload.num_requests != r.requests:
             raise SystemExit(f"{r.load} {r.policy}: {workload.num_requests} requests, the matrix had {r.requests}")
-        sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv)).summary
-        rows.append(error_table(r._asdict(), sim).assign(load=f"{r.load} ({r.rate:g} req/s)", policy=r.policy))
+        sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv))
+        bands = None
+        if requests is not None:
+            mine = requests[(requests.load == r.load) & (requests.policy == r.policy) & (requests.run == "measured")]
+            bands = error_bands(mine, sim.requests) if len(mine) else None
+        rows.append(error_table(r._asdict(), sim.summary, bands).assign(load=f"{r.load} ({r.rate:g} req/s)",
+                                                                         policy=r.policy))
     table = pd.concat(rows, ignore_index=True)[["load", "policy", "metric", "measured", "simulated", "error", "goal",
-                                                 "met"]]
+                                                 "met", "error_lo", "error_hi"]]
     goals = table.dropna(subset=["goal"])
     for (load, policy), g in goals.groupby(["load", "policy"], sort=False):
-        print(f"{load:>16} {policy:<26} " + "  ".join(f"{x.metric.replace('inter-token latency', 'ITL')} "
-                                                       f"{x.error:+.1%}" for x in g.itertuples()))
+        print(f"{load:>16} {policy:<26} " + "  ".join(
+            f"{x.metric.replace('inter-token latency', 'ITL')} {x.error:+.1%}"
+            + (f" [{x.error_lo:+.0%}, {x.error_hi:+.0%}]" if x.error_lo == x.error_lo else "") for x in g.itertuples()))
     print(f"goals met: {int(goals.met.astype(bool).sum())} of {len(goals)}")
     if args.out:
         table.to_csv(args.out, index=False)

@@ -33,3 +33,34 @@ def test_matched_steps_summed_by_kind():
     assert out["leave"] == "1: 4 / 4 (+0.0%)"
     assert out["owing, runs none"] == "1: 5 / 4 (-20.0%)"
     assert out["prompt chunk"] == "1: 20 / 22 (+10.0%)"
+
+
+def test_rescore_with_the_measured_requests_adds_error_bands(tmp_path):
+    """fidelity_rescore.py --requests: the request-level errors get their bands (here the 'measured' requests are
+    the simulation's own, so every band is the single point 0)."""
+    import sys
+    from dataclasses import replace
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from fidelity_matrix import matrix_config  # noqa: E402
+
+    from eesim.simulator import simulate
+    from eesim.workload import load_workload
+
+    spec = importlib.util.spec_from_file_location("fidelity_rescore", root / "benchmarks" / "fidelity_rescore.py")
+    rescore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rescore)
+    runs = pd.read_csv(root / "docs" / "data" / "fidelity_runs_v8_light_2026-11-23.csv")
+    runs = runs[(runs.policy == "full+fill")].head(2)  # measured and simulated rows of one pair
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    profile = root / "docs" / "data" / "fidelity_v8_profile_2026-11-23.parquet"
+    base = replace(matrix_config("llama2-7b", 2048), cost_model=str(profile), exit_rule="full", kv_policy="fill")
+    workload, _ = load_workload("poisson:rate=3,duration=8", seed=0).clip(base.model.max_context)
+    own = simulate(workload, base).requests.assign(load="light", policy="full+fill", run="measured")
+    own.to_parquet(tmp_path / "requests.parquet")
+    assert rescore.main(["--runs", str(tmp_path / "runs.csv"), "--profile", str(profile), "--requests",
+                         str(tmp_path / "requests.parquet"), "--out", str(tmp_path / "out.csv")]) == 0
+    table = pd.read_csv(tmp_path / "out.csv").set_index("metric")
+    assert table.loc["TTFT p50", ["error_lo", "error_hi"]].tolist() == [0.0, 0.0]
+    assert table.loc["throughput (tok/s)", ["error_lo", "error_hi"]].isna().all()
