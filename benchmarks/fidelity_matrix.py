@@ -9,9 +9,11 @@ policy), and record
 the simulator's error per metric. Replay mode at the llama2-7b shape, exits from the project's recorded
 trace (max_prob >= 0.9), the code-service workload (Azure-code-fitted lengths), Poisson arrivals.
 
-Writes fidelity_matrix.csv (one row per load x policy x metric), fidelity_runs.csv (both runs'
-summaries) and fidelity_iterations.parquet (every iteration of both runs) to --out, and prints the errors with the worst case per metric. Stops starting new runs
-after --time-limit seconds (what ran is kept).
+Writes fidelity_matrix.csv (one row per load x policy x metric; the request-level errors with their 95%
+band over the requests, ``error_lo`` / ``error_hi``), fidelity_runs.csv (both runs' summaries),
+fidelity_iterations.parquet and fidelity_requests.parquet (every iteration and every request of both runs)
+to --out, and prints the errors with the worst case per metric. Stops starting new runs after --time-limit
+seconds (what ran is kept).
 
 Usage:  PYTHONPATH=$PWD python benchmarks/fidelity_matrix.py --profile traces/profiles/llama2-7b.parquet
 """

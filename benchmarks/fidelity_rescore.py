@@ -3,7 +3,8 @@
 benchmarks/fidelity_matrix.py writes the measured summaries of every run (fidelity_runs.csv). When the
 cost model changes, the measurements stay valid: this simulates the same workloads and configurations
 again (same seed, requests and recorded generations) with ``--profile`` and prints and writes the
-simulator's error per metric against the measured runs, as fidelity_matrix.py does.
+simulator's error per metric against the measured runs, as fidelity_matrix.py does; with ``--requests`` (the
+matrix's fidelity_requests.parquet) also each request-level error's 95% band (eesim.validate.error_bands).
 
 Usage:  PYTHONPATH=$PWD python benchmarks/fidelity_rescore.py --runs docs/data/fidelity_runs_2026-11-22.csv \
             --profile traces/profiles/llama2-7b.parquet --out fidelity_rescored.csv
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     requests = pd.read_parquet(args.requests) if args.requests else None
 
-    runs = pd.read_csv(args.runs)
+    runs = pd.read_csv(args.runs, dtype={"load": str})
     measured = runs[runs.run == "measured"]
     base = replace(matrix_config(args.model, args.num_blocks), cost_model=args.profile)  # priced per KV policy
     model = base.model
@@ -52,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         sim = simulate(workload, replace(base, exit_rule=rule, kv_policy=kv))
         bands = None
         if requests is not None:
-            mine = requests[(requests.load == r.load) & (requests.policy == r.policy) & (requests.run == "measured")]
-            bands = error_bands(mine, sim.requests) if len(mine) else None
+            mine = requests[(requests.load.astype(str) == r.load) & (requests.policy == r.policy)
+                            & (requests.run == "measured")]
+            if len(mine) != r.requests:
+                raise SystemExit(f"{r.load} {r.policy}: {len(mine)} measured requests in {args.requests}, the "
+                                 f"matrix had {r.requests} (another matrix, or another --duration?)")
+            bands = error_bands(mine, sim.requests)
         rows.append(error_table(r._asdict(), sim.summary, bands).assign(load=f"{r.load} ({r.rate:g} req/s)",
                                                                          policy=r.policy))
     table = pd.concat(rows, ignore_index=True)[["load", "policy", "metric", "measured", "simulated", "error", "goal",

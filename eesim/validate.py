@@ -11,6 +11,7 @@ metric against the goals of the fidelity study, with the error's 95% band over t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import pandas as pd
@@ -59,8 +60,13 @@ def error_bands(measured: pd.DataFrame, simulated: pd.DataFrame, resamples: int 
     median: a miss inside its band is not evidence against the model."""
     import numpy as np
 
+    if measured["request_id"].duplicated().any() or simulated["request_id"].duplicated().any():
+        raise ValueError("error_bands: a run's requests repeat a request_id (pass one run's requests per side)")
     both = measured.merge(simulated, on="request_id", suffixes=("_m", "_s"))
     n = len(both)
+    if n != len(measured) or n != len(simulated):
+        raise ValueError(f"error_bands: the runs hold different requests ({len(measured)} measured, "
+                         f"{len(simulated)} simulated, {n} in both)")
     if n < 2:
         return {}
     idx = np.random.default_rng(seed).integers(n, size=(resamples, n))
@@ -70,18 +76,22 @@ def error_bands(measured: pd.DataFrame, simulated: pd.DataFrame, resamples: int 
         total = np.nan_to_num(both[f"itl_mean_{side}"].to_numpy(np.float64)) * gaps
         return total[idx].sum(axis=1) / np.maximum(gaps[idx].sum(axis=1), 1)
 
-    stats = {
-        "TTFT p50": lambda side: np.median(both[f"ttft_{side}"].to_numpy()[idx], axis=1),
-        "TTFT p99": lambda side: np.percentile(both[f"ttft_{side}"].to_numpy()[idx], 99, axis=1),
+    stats = {  # NaN-aware, as the run's summary drops NaN values (eesim.metrics)
+        "TTFT p50": lambda side: np.nanmedian(both[f"ttft_{side}"].to_numpy(np.float64)[idx], axis=1),
+        "TTFT p99": lambda side: np.nanpercentile(both[f"ttft_{side}"].to_numpy(np.float64)[idx], 99, axis=1),
         "inter-token latency mean": pooled_itl,
-        "end-to-end latency mean": lambda side: both[f"e2e_{side}"].to_numpy()[idx].mean(axis=1),
+        "end-to-end latency mean": lambda side: np.nanmean(both[f"e2e_{side}"].to_numpy(np.float64)[idx], axis=1),
     }
     out = {}
-    for label, stat in stats.items():
-        m, s = stat("m"), stat("s")
-        err = np.where(m > 0, s / np.where(m > 0, m, 1.0) - 1, np.nan)
-        lo, hi = np.nanpercentile(err, [2.5, 97.5])
-        out[label] = (float(lo), float(hi))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples (no request with a gap): no band
+        for label, stat in stats.items():
+            m, s = stat("m"), stat("s")
+            err = np.where(m > 0, s / np.where(m > 0, m, 1.0) - 1, np.nan)
+            if np.isnan(err).all():
+                continue
+            lo, hi = np.nanpercentile(err, [2.5, 97.5])
+            out[label] = (float(lo), float(hi))
     return out
 
 

@@ -55,3 +55,19 @@ def test_error_table_carries_the_bands_where_given():
     assert table.loc["throughput (tok/s)", ["error_lo", "error_hi"]].isna().all()
     assert table["error"].to_numpy() == pytest.approx(0.01)
     assert error_bands(requests_frame([0.1], [1.0], [0.01], [5]), requests_frame([0.1], [1.0], [0.01], [5])) == {}
+
+
+def test_bands_refuse_runs_that_do_not_pair_up():
+    m = requests_frame([0.1, 0.2, 0.3], [1.0, 1.1, 1.2], [0.01] * 3, [5] * 3)
+    with pytest.raises(ValueError, match="different requests"):
+        error_bands(m, m.iloc[:2])
+    with pytest.raises(ValueError, match="repeat a request_id"):
+        error_bands(pd.concat([m, m]), pd.concat([m, m]))
+
+
+def test_bands_skip_what_no_resample_defines():
+    """Requests of one token have no inter-token gap: no ITL band (no warning), the others as usual."""
+    m = requests_frame([0.1, 0.2, 0.3], [1.0, 1.1, 1.2], [np.nan] * 3, [1] * 3)
+    bands = error_bands(m, m.assign(ttft=m.ttft * 1.1))
+    assert "inter-token latency mean" not in bands
+    assert bands["TTFT p50"] == pytest.approx((0.1, 0.1))
