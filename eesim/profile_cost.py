@@ -915,7 +915,7 @@ class ProfileCostModel:
             return None
         fallback = self.gen_step_tab + self.owing_step
         tab = np.repeat(fallback[:, None], self.S, axis=1)
-        measured = self.leave_excess.get("recompute" if self.policy.work == "full_layers" else "proj")
+        measured = self.leave_excess.get(self._owed_kind)
         if measured is not None:
             for r in range(self.S):
                 have = np.flatnonzero(~np.isnan(measured[:, r]))
@@ -928,12 +928,17 @@ class ProfileCostModel:
         return tab
 
     @property
+    def _owed_kind(self) -> str:
+        """The owed grid of this policy: ``recompute`` re-runs layers, copy_hidden projects (``proj``)."""
+        return "recompute" if self.policy.work == "full_layers" else "proj"
+
+    @property
     def owing_step(self) -> float:
         """What a step that starts owing but runs none of its owed rows (they wait for a deeper pass) pays
         for owing on the general path: the policy's owed grid's fixed part (0 under fill)."""
         if self.fill_like:
             return 0.0
-        return self.owing_fixed["recompute" if self.policy.work == "full_layers" else "proj"]
+        return self.owing_fixed[self._owed_kind]
 
     def with_policy(self, kv_policy) -> ProfileCostModel:
         """This model for another KV policy, its counters at zero: a shallow copy sharing the tables (nothing

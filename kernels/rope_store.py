@@ -15,7 +15,7 @@ import torch
 
 from ._common import tl, triton, use_triton
 from .kv_store import store_kv_ref
-from .rotary import apply_rotary_ref
+from .rotary import apply_rotary_ref, rotate_head
 
 
 @triton.jit
@@ -27,15 +27,9 @@ def _rope_store_kernel(qkv_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_p
     n = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + n).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * stride_cos + offs).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_sin + offs).to(tl.float32)
     row = qkv_ptr + n.to(tl.int64) * stride_n
-    src = row + h * (2 * HALF)  # Q heads, then K heads: K head j is head NUM_Q_HEADS + j of the row
-    x1 = tl.load(src + offs).to(tl.float32)
-    x2 = tl.load(src + HALF + offs).to(tl.float32)
-    r1 = x1 * cos - x2 * sin
-    r2 = x2 * cos + x1 * sin
+    # Q heads, then K heads: K head j is head NUM_Q_HEADS + j of the row
+    r1, r2 = rotate_head(row + h * (2 * HALF), pos_ptr, cos_ptr, sin_ptr, n, stride_cos, stride_sin, HALF)
     if h < NUM_Q_HEADS:
         dst = qo_ptr + n.to(tl.int64) * stride_qon + h * stride_qoh
         tl.store(dst + offs, r1.to(qo_ptr.dtype.element_ty))

@@ -18,6 +18,19 @@ def rotary_tables(max_pos, head_dim, base=10000.0, dtype=torch.float32, device=N
 
 
 @triton.jit
+def rotate_head(src, pos_ptr, cos_ptr, sin_ptr, n, stride_cos, stride_sin, HALF: tl.constexpr):
+    """Row ``n``'s head at ``src`` (two halves of HALF) rotated at the row's position: fp32 (first, second)
+    halves. Shared with kernels/rope_store.py."""
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + n).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_sin + offs).to(tl.float32)
+    x1 = tl.load(src + offs).to(tl.float32)
+    x2 = tl.load(src + HALF + offs).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
                    stride_qn, stride_qh, stride_kn, stride_kh,
                    stride_qon, stride_qoh, stride_kon, stride_koh, stride_cos, stride_sin,
@@ -28,19 +41,15 @@ def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
     n = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + n).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * stride_cos + offs).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_sin + offs).to(tl.float32)
     if h < NUM_Q_HEADS:
         src = q_ptr + n * stride_qn + h * stride_qh
         dst = qo_ptr + n * stride_qon + h * stride_qoh
     else:
         src = k_ptr + n * stride_kn + (h - NUM_Q_HEADS) * stride_kh
         dst = ko_ptr + n * stride_kon + (h - NUM_Q_HEADS) * stride_koh
-    x1 = tl.load(src + offs).to(tl.float32)
-    x2 = tl.load(src + HALF + offs).to(tl.float32)
-    tl.store(dst + offs, (x1 * cos - x2 * sin).to(dst.dtype.element_ty))
-    tl.store(dst + HALF + offs, (x2 * cos + x1 * sin).to(dst.dtype.element_ty))
+    r1, r2 = rotate_head(src, pos_ptr, cos_ptr, sin_ptr, n, stride_cos, stride_sin, HALF)
+    tl.store(dst + offs, r1.to(dst.dtype.element_ty))
+    tl.store(dst + HALF + offs, r2.to(dst.dtype.element_ty))
 
 
 def _rotate_ref(x, cos, sin):
