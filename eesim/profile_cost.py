@@ -16,6 +16,10 @@ iteration's work into the profiled components and adds them up:
   by batch: ``idle_tab``), or, for profiles without those points or a pass to full depth, that excess
   plus the owed grid's fixed part (``owing_step``: the marginal of the fewest owed rows extrapolated to
   no layers);
+- a decode step whose rows all leave at an exit (the pass ends there) pays what the profile's ``leave`` points
+  measured beyond the decode grid's price of the same work (``leave_tab``: keeping the leaving rows' tokens and
+  exit states, the pass ended at the exit; 0.1-0.5 ms on the H100), by batch, held beyond the largest measured;
+  profiles without leave points price as before;
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
 - prefill: a step whose attention exceeds its KV reads holds a prompt chunk; its token count and the
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
@@ -309,7 +313,10 @@ class ProfileCostModel:
         self._mixed_lo = float(self.g_mixed.axes[0][0]) if self.g_mixed is not None else 0.0
         self._chk_lo = (float(self.g_mixed_chk.axes[0][0]) if self.g_mixed_chk is not None else 0.0, self._mixed_lo)
         self._chunk_table = _chunk_table(max(model.max_context, 4096))
+        self.leave_tab = None  # priced without it while it is measured against the model's own prices
         self._init_one_step()
+        self.leave_tab = self._graphed_leave_table(frame, rows)
+        self._s_leave = self.leave_tab.tolist() if self.leave_tab is not None else None
 
     def _init_one_step(self) -> None:
         """Plain-Python views of the tables for ``_parts1``, the path of one-step records (most calls: every
@@ -415,6 +422,41 @@ class ProfileCostModel:
             tab[1:, r] = np.where(inside[1:], np.interp(rows[1:], bs, excess), np.nan)
         return tab
 
+    def _graphed_leave_table(self, frame, rows) -> np.ndarray | None:
+        """(rows, reach) seconds a decode step whose rows all leave at exit ``reach`` pays beyond what the decode
+        and check tables price: the measured ``leave`` points (graphed, nobody owing: the leaving rows' tokens and
+        exit states kept, the pass ended at the exit) less this model's own price of the same work. Linear in the
+        batch between the measured ones, held flat below the smallest and beyond the largest (host work and small
+        launches, not bytes); zero at the last column (a pass to full depth) and at exits without points. None
+        for profiles without leave points (priced as before)."""
+        leave = frame[frame["component"] == "leave"]
+        if not len(leave) or self.S < 2:
+            return None
+        from eesim.forced_exits import ExitAt
+        from eesim.plan import IterationPlan
+        from eesim.policies import kv_policy, measure
+        from eesim.work import WorkCounter
+
+        tab = np.zeros((len(rows), self.S))
+        for k, e in enumerate(self.model.exit_layers):
+            sub = leave[leave["layers"] == e]
+            if not len(sub):
+                continue
+            # the work the profiler's point ran (ExitAt(k) under recompute, each row at its point's context)
+            counter = WorkCounter(self.model, kv_policy("recompute"), ExitAt(k), measure("max_prob").needs_logits)
+            excess: dict[int, list[float]] = {}
+            for b, c, t in sub[["batch", "context", "median_s"]].itertuples(index=False):
+                b = int(b)
+                plan = IterationPlan(0, [None] * b, np.ones(b, np.int64), np.full(b, int(c) - 1, np.int64),
+                                     np.ones(b, bool), np.ones(b, bool), [[] for _ in range(b)], np.ones(b, np.int64))
+                parts = self._parts(counter.count(plan, np.full((1, b), k)))
+                parts.pop("schedule", None)
+                excess.setdefault(b, []).append(max(float(t) - float(sum(v[0] for v in parts.values())), 0.0))
+            bs = np.array(sorted(excess), dtype=np.float64)
+            tab[1:, k] = np.interp(rows[1:], bs, [float(np.mean(excess[int(b)])) for b in bs])
+        self.reset_counters()
+        return tab
+
     def _check_table(self, chk, rows):
         S = self.S
         tab = np.zeros(len(rows))
@@ -515,6 +557,11 @@ class ProfileCostModel:
             lf = lm - li
             v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
             parts["fill"] = v[:, 0] * (1 - lf) + v[:, 1] * lf
+        if self.leave_tab is not None:  # the pass ends at an exit: what settling the rows that left adds
+            ends = ~chunk & (work.batch_reach < self.S - 1)
+            if ends.any():
+                ci = np.minimum(chk[:, 0].astype(np.int64), Dmax)
+                parts["leave"] = np.where(ends, self.leave_tab[ci, np.minimum(work.batch_reach, self.S - 1)], 0.0)
         if self.include_schedule:
             parts["schedule"] = zeros.copy() if all_chunks else \
                 self.sched_tab[Di[:, 0] if top <= Dmax else np.minimum(Di[:, 0], Dmax)]
@@ -763,6 +810,8 @@ class ProfileCostModel:
             lf = lm - li
             i = 2 * (li * (Dmax + 1) + min(int(rows), Dmax))
             parts["fill"] = self._s_fill[i] * (1 - lf) + self._s_fill[i + 1] * lf
+        if self._s_leave is not None and not chunk and work.batch_reach.item(0) < self.S - 1:
+            parts["leave"] = self._s_leave[min(int(chk[0]), Dmax)][int(work.batch_reach.item(0))]
         if self.include_schedule:
             parts["schedule"] = 0.0 if all_chunks else self._s_sched[min(Di[0], Dmax)]
         flagged = False

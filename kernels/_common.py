@@ -23,6 +23,14 @@ except ImportError:  # pragma: no cover - exercised only on Triton-less installs
     triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=None)
 
+try:  # programmatic dependent launch (Hopper+): griddepcontrol.wait / launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - older Triton: kernels only reference these under PDL=True
+    HAVE_GDC = False
+    gdc_launch_dependents = gdc_wait = None
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -51,6 +59,25 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
             raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
         return True
     return on_cuda or interpreting()
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether to launch the decode chain's kernels with programmatic dependent launch.
+
+    With PDL a kernel may start while the one before it drains: its programs signal
+    ``gdc_launch_dependents`` at once, read only what no kernel writes (weights) before ``gdc_wait``, and
+    store nothing before it, so the next kernel's launch and first weight tiles overlap this one's tail
+    (docs/benchmarks.md, "Programmatic dependent launch"). Needs compiled Triton on compute capability 9.0+;
+    ``EESIM_PDL=0`` turns it off (for A/B timing).
+    """
+    if not HAVE_GDC or device.type != "cuda" or interpreting() or os.environ.get("EESIM_PDL", "1") == "0":
+        return False
+    return _capability(device) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def next_pow2(n: int) -> int:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import next_pow2, tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, tl, triton, use_triton
 
 
 @triton.jit
-def _max_prob_argmax_kernel(x_ptr, conf_ptr, idx_ptr, V, stride_x, BLOCK: tl.constexpr):
+def _max_prob_argmax_kernel(x_ptr, conf_ptr, idx_ptr, V, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # nothing here may run before the previous kernel's outputs are visible (_common.pdl)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     base = x_ptr + row * stride_x
@@ -53,6 +56,7 @@ def max_prob_argmax(logits, *, backend=None):
     conf = torch.empty(rows, dtype=torch.float32, device=x.device)
     idx = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows:
+        use_pdl = pdl(x.device)
         _max_prob_argmax_kernel[(rows,)](x, conf, idx, V, x.stride(0), BLOCK=min(4096, next_pow2(V)),
-                                         num_warps=8)
+                                         PDL=use_pdl, num_warps=8, launch_pdl=use_pdl)
     return conf.reshape(logits.shape[:-1]), idx.reshape(logits.shape[:-1])

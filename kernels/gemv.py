@@ -22,6 +22,9 @@ Fused extras (each saves a kernel launch per use in the decode layer):
   then needs no kernel of its own at any batch (at M > 1 it was two torch kernels per layer, ~0.2 ms per step
   at batch 8), and the down projection reads it as a plain input.
 
+Launched with programmatic dependent launch on Hopper (``_common.pdl``): the first weight tile is read before
+waiting on the previous kernel, and the next kernel is released once the weight stream is done.
+
 ``skinny_linear_ref`` is the torch reference (same rounding points).
 """
 
@@ -30,16 +33,90 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import interpreting, shared_memory_bytes, tl, triton, use_triton
+from ._common import (gdc_launch_dependents, gdc_wait, interpreting, pdl, shared_memory_bytes, tl, triton,
+                      use_triton)
 
 MAX_ROWS = 16  # the kernel's row limit (one 16-row tl.dot tile); callers keep cuBLAS above their crossover
+
+
+@triton.jit
+def _weight_tiles(w_ptrs, u_ptrs, k0, K, offs_k, EVEN_K: tl.constexpr, GLU: tl.constexpr):
+    """The program's (BLOCK_N, BLOCK_K) weight tile at ``k0``, and with GLU the matching up rows' tile
+    (else the same tile again, unused)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs + k0)
+        if GLU:
+            wu = tl.load(u_ptrs + k0)
+        else:
+            wu = w
+    else:
+        km = k0 + offs_k < K
+        w = tl.load(w_ptrs + k0, mask=km[None, :], other=0.0)
+        if GLU:
+            wu = tl.load(u_ptrs + k0, mask=km[None, :], other=0.0)
+        else:
+            wu = w
+    return w, wu
+
+
+@triton.jit
+def _row_step(acc, acc_u, w, wu, x_ptr, k0, K, offs_k, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
+              GLU: tl.constexpr):
+    """One BLOCK_K step of the one-row path: elementwise products into the (BLOCK_N, BLOCK_K) accumulators."""
+    if EVEN_K:
+        xg = tl.load(x_ptr + k0 + offs_k)
+        if SILU_MUL:
+            xu = tl.load(x_ptr + K + k0 + offs_k)
+    else:
+        km = k0 + offs_k < K
+        xg = tl.load(x_ptr + k0 + offs_k, mask=km, other=0.0)
+        if SILU_MUL:
+            xu = tl.load(x_ptr + K + k0 + offs_k, mask=km, other=0.0)
+    if SILU_MUL:
+        g = xg.to(tl.float32)
+        xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w.dtype).to(tl.float32)
+    else:
+        xv = xg.to(tl.float32)
+    acc += w.to(tl.float32) * xv[None, :]
+    if GLU:
+        acc_u += wu.to(tl.float32) * xv[None, :]
+    return acc, acc_u
+
+
+@triton.jit
+def _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
+               GLU: tl.constexpr, UPCAST: tl.constexpr):
+    """One BLOCK_K step of the tl.dot path (rows padded to BLOCK_M)."""
+    if EVEN_K:
+        xg = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+        if SILU_MUL:
+            xu = tl.load(x_ptrs + K + k0, mask=m_mask[:, None], other=0.0)
+    else:
+        km = k0 + offs_k < K
+        xg = tl.load(x_ptrs + k0, mask=m_mask[:, None] & km[None, :], other=0.0)
+        if SILU_MUL:
+            xu = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & km[None, :], other=0.0)
+    if SILU_MUL:
+        g = xg.to(tl.float32)
+        xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w.dtype)
+    else:
+        xv = xg.to(w.dtype)
+    if UPCAST:
+        acc += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        if GLU:
+            acc_u += tl.dot(xv.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
+    else:
+        acc += tl.dot(xv, tl.trans(w))
+        if GLU:
+            acc_u += tl.dot(xv, tl.trans(wu))
+    return acc, acc_u
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
-                   UPCAST: tl.constexpr, GLU: tl.constexpr):
+                   UPCAST: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -48,35 +125,23 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, st
     w_ptrs = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     # GLU: the up rows, N below the gate rows (int64 offsets, as the gate rows')
     u_ptrs = w_ptr + (offs_n_safe + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    # PDL (_common.pdl): the first weight tile is loaded before the wait (no kernel writes weights), so it
+    # overlaps the previous kernel's tail; x and the residual, its outputs, are read only after gdc_wait. The
+    # next kernel is released after the weight stream, not at the start: released at the start, launches
+    # cascade down the chain and the early programs' waits and prefetches slow a 4096 x 4096 GEMV by 11%
+    # (benchmarks/pdl_bench.py: 13.6 -> 15.1 us; released after the stream: 12.9 us).
+    w, wu = _weight_tiles(w_ptrs, u_ptrs, 0, K, offs_k, EVEN_K, GLU)
+    if PDL:
+        gdc_wait()
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                if GLU:
-                    wu = tl.load(u_ptrs)
-                xg = tl.load(x_ptr + k0 + offs_k)
-                if SILU_MUL:
-                    xu = tl.load(x_ptr + K + k0 + offs_k)
-            else:
-                km = k0 + offs_k < K
-                w = tl.load(w_ptrs, mask=km[None, :], other=0.0)
-                if GLU:
-                    wu = tl.load(u_ptrs, mask=km[None, :], other=0.0)
-                xg = tl.load(x_ptr + k0 + offs_k, mask=km, other=0.0)
-                if SILU_MUL:
-                    xu = tl.load(x_ptr + K + k0 + offs_k, mask=km, other=0.0)
-            if SILU_MUL:
-                g = xg.to(tl.float32)
-                xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                xv = xg.to(tl.float32)
-            acc += w.to(tl.float32) * xv[None, :]
-            w_ptrs += BLOCK_K
-            if GLU:
-                acc_u += wu.to(tl.float32) * xv[None, :]
-                u_ptrs += BLOCK_K
+        acc, acc_u = _row_step(acc, acc_u, w, wu, x_ptr, 0, K, offs_k, EVEN_K, SILU_MUL, GLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w, wu = _weight_tiles(w_ptrs, u_ptrs, k0, K, offs_k, EVEN_K, GLU)
+            acc, acc_u = _row_step(acc, acc_u, w, wu, x_ptr, k0, K, offs_k, EVEN_K, SILU_MUL, GLU)
+        if PDL:  # the next kernel may launch once every program is past its weight stream (see below)
+            gdc_launch_dependents()
         out = tl.sum(acc, 1)  # (BLOCK_N,)
         if GLU:
             out = out / (1.0 + tl.exp(-out)) * tl.sum(acc_u, 1)
@@ -89,39 +154,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, st
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                if GLU:
-                    wu = tl.load(u_ptrs)
-                xg = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                if SILU_MUL:
-                    xu = tl.load(x_ptrs + K, mask=m_mask[:, None], other=0.0)
-            else:
-                km = k0 + offs_k < K
-                w = tl.load(w_ptrs, mask=km[None, :], other=0.0)
-                if GLU:
-                    wu = tl.load(u_ptrs, mask=km[None, :], other=0.0)
-                xg = tl.load(x_ptrs, mask=m_mask[:, None] & km[None, :], other=0.0)
-                if SILU_MUL:
-                    xu = tl.load(x_ptrs + K, mask=m_mask[:, None] & km[None, :], other=0.0)
-            if SILU_MUL:
-                g = xg.to(tl.float32)
-                xv = (g / (1.0 + tl.exp(-g)) * xu.to(tl.float32)).to(w_ptr.dtype.element_ty)
-            else:
-                xv = xg.to(w_ptr.dtype.element_ty)
-            if UPCAST:
-                acc += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-                if GLU:
-                    acc_u += tl.dot(xv.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(xv, tl.trans(w))
-                if GLU:
-                    acc_u += tl.dot(xv, tl.trans(wu))
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            if GLU:
-                u_ptrs += BLOCK_K
+        acc, acc_u = _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, 0, K, offs_k, EVEN_K, SILU_MUL, GLU, UPCAST)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w, wu = _weight_tiles(w_ptrs, u_ptrs, k0, K, offs_k, EVEN_K, GLU)
+            acc, acc_u = _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K, SILU_MUL, GLU,
+                                    UPCAST)
+        if PDL:
+            gdc_launch_dependents()
         out_mask = m_mask[:, None] & n_mask[None, :]
         if GLU:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_u
@@ -214,6 +253,7 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
                  + (2 if act == "glu" else 1) * block_n * block_k * w.element_size())
         stages = max(1, min(stages, shared_memory_bytes(x2.device) // tiles))
     upcast = w.dtype == torch.float32 or interpreting()
+    use_pdl = pdl(x2.device)
     if block_m == 1:
         sxm, sym, srm = 0, 0, 0
     else:
@@ -221,6 +261,6 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x2, w, y, r2 if r2 is not None else y, m, n, k, sxm, w.stride(0), sym, srm,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
-        HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", num_warps=warps,
-        num_stages=stages)
+        HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", PDL=use_pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return y.reshape(*x.shape[:-1], n)

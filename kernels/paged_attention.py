@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from ._common import check_paged_attention, ieee_dot, next_pow2, num_sms, tl, triton, use_triton
+from ._common import (check_paged_attention, gdc_launch_dependents, gdc_wait, ieee_dot, next_pow2, num_sms, pdl, tl,
+                      triton, use_triton)
 
 DEFAULT_PARTITION = 512
 # Split-K also when the context bound exceeds this, however many rows: without a split one program walks a
@@ -32,11 +33,14 @@ def _paged_decode_kernel(
     partition_size, sm_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program = one (sequence, KV head, context partition). All GROUP query heads sharing the
     # KV head ride along as the M dimension of the dots, so each K/V row is read from HBM once.
     # BLOCK_G is padded to >= 16 because tl.dot needs M >= 16 on tensor cores.
+    if PDL:  # nothing here may run before the previous kernel's outputs are visible (_common.pdl)
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -108,10 +112,13 @@ def _split_reduce_kernel(
     acc_ptr, m_ptr, l_ptr, ctx_ptr, out_ptr,
     stride_ab, stride_ah, stride_ap, stride_mb, stride_mh, stride_ob, stride_oh,
     partition_size,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per (sequence, query head): all partitions' partials fit in one tile, so the
     # combine is a single masked load + weighted sum (partials are small and L2-resident).
+    if PDL:  # nothing here may run before the previous kernel's outputs are visible (_common.pdl)
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
@@ -208,8 +215,9 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+    use_pdl = pdl(q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=BLOCK_G,
-                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype))
+                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype), PDL=use_pdl, launch_pdl=use_pdl)
     kc, vc = k_cache_layer, v_cache_layer
     kv_strides = (kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2))
     scale_log2 = scale * 1.4426950408889634  # softmax via exp2
@@ -232,5 +240,5 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
         acc, m, l, context_lens, out,
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         out.stride(0), out.stride(1), psize,
-        HEAD_DIM=head_dim, BLOCK_P=max(2, next_pow2(n_parts)), BLOCK_D=BLOCK_D)
+        HEAD_DIM=head_dim, BLOCK_P=max(2, next_pow2(n_parts)), BLOCK_D=BLOCK_D, PDL=use_pdl, launch_pdl=use_pdl)
     return out

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from ._common import next_pow2, tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, tl, triton, use_triton
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, n_cols, eps,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, PDL: tl.constexpr):
     # One program per row. Two passes over the row (sum of squares, then scale): for hidden sizes
     # up to BLOCK this is one tile per pass and the second read hits L1/L2, and it still works for
     # rows wider than the largest tile we want to hold in registers.
+    if PDL:  # nothing here may run before the previous kernel's outputs are visible (_common.pdl)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ss = tl.zeros([BLOCK], tl.float32)
@@ -49,7 +52,9 @@ def rmsnorm(x, weight, eps=1e-6, *, out=None, backend=None):
         assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if out is None else out.view(x2.shape)
     if x2.shape[0]:
+        use_pdl = pdl(x.device)
         # Cap at 4096 fp32 per tile: a 4-warp program then holds 32 floats per thread.
         _rmsnorm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0),
-                                        hidden, eps, BLOCK=min(4096, next_pow2(hidden)))
+                                        hidden, eps, BLOCK=min(4096, next_pow2(hidden)), PDL=use_pdl,
+                                        launch_pdl=use_pdl)
     return y.reshape(x.shape)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, pdl, tl, triton, use_triton
 from .kv_store import store_kv_ref
 from .rotary import apply_rotary_ref, rotate_head
 
@@ -23,7 +23,10 @@ def _rope_store_kernel(qkv_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_p
                        stride_n, stride_qon, stride_qoh, stride_kcb, stride_kcs, stride_kch,
                        stride_vcb, stride_vcs, stride_vch, stride_cos, stride_sin,
                        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       PAGE: tl.constexpr):
+                       PAGE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # nothing here may run before the previous kernel's outputs are visible (_common.pdl)
+        gdc_launch_dependents()
+        gdc_wait()
     n = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
@@ -90,9 +93,11 @@ def rotary_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positi
     assert k_cache_layer.stride(-1) == 1 and v_cache_layer.stride(-1) == 1
     q_out = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     kc, vc = k_cache_layer, v_cache_layer
+    use_pdl = pdl(qkv.device)
     _rope_store_kernel[(n, num_heads + num_kv_heads)](
         qkv, q_out, kc, vc, positions.contiguous(), slot_mapping.contiguous(), cos, sin,
         qkv.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), cos.stride(0), sin.stride(0),
-        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, PAGE=kc.shape[1])
+        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, PAGE=kc.shape[1], PDL=use_pdl,
+        launch_pdl=use_pdl)
     return q_out

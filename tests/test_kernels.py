@@ -485,3 +485,52 @@ def test_max_prob_argmax_matches_reference(dtype, rows, vocab):
     assert idx.dtype == torch.int64 and conf.dtype == torch.float32
     assert torch.equal(idx.cpu(), ir.cpu()) and int(idx[0]) == 3
     torch.testing.assert_close(conf, cr, rtol=1e-5, atol=1e-6)
+
+
+def test_pdl_only_compiled_on_a_gpu(monkeypatch):
+    from eesim.kernels._common import pdl
+
+    assert not pdl(torch.device("cpu"))
+    monkeypatch.setenv("EESIM_PDL", "0")
+    assert not pdl(torch.device("cuda"))  # the switch is read before any device query
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs compiled kernels on a GPU")
+def test_pdl_chain_in_a_graph_equals_serial_launches(monkeypatch):
+    """A chain of decode kernels, each reading the one before (norm, GEMV, GEMV + residual, GLU, down with
+    the residual, max_prob), replayed in a CUDA graph with PDL gives bit for bit what serial launches give:
+    no kernel reads its input before the previous kernel's stores land."""
+    g = torch.Generator().manual_seed(7)
+    d, inter, layers = 512, 1376, 12
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(torch.bfloat16).cuda()  # noqa: E731
+    ln = [rnd(d, sc=0.1) + 1 for _ in range(layers)]
+    w1 = [rnd(d, d, sc=d ** -0.5) for _ in range(layers)]
+    w2 = [rnd(d, d, sc=d ** -0.5) for _ in range(layers)]
+    wgu = [rnd(2 * inter, d, sc=d ** -0.5) for _ in range(layers)]
+    wdn = [rnd(d, inter, sc=0.3 * inter ** -0.5) for _ in range(layers)]
+    head = rnd(4000, d, sc=d ** -0.5)
+    for rows in (1, 4):
+        x = rnd(rows, d)
+
+        def chain():
+            h = x
+            for i in range(layers):
+                a = skinny_linear(rmsnorm(h, ln[i]), w1[i])
+                h = skinny_linear(a, w2[i], h)
+                h = skinny_linear(skinny_linear(rmsnorm(h, ln[i]), wgu[i], act="glu"), wdn[i], h)
+            return max_prob_argmax(skinny_linear(h, head))
+
+        outs = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("EESIM_PDL", mode)
+            chain()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                conf, idx = chain()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            outs[mode] = (conf.clone(), idx.clone())
+        assert torch.isfinite(outs["1"][0]).all()
+        assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1])

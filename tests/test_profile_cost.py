@@ -607,14 +607,19 @@ def test_analytical_one_step_path_equals_the_array_path_bit_for_bit(exits):
 LEAVE_BATCHES = (1, 2, 4, 8)
 
 
+def settle(b):
+    """What the synthetic leave points add to the decode grid's price of the same step (settling the rows)."""
+    return 150e-6 + 10e-6 * b
+
+
 def leave_frame(spec=SPEC):
-    """synthetic_frame with leave points (every row out at e, graphed) and the same steps starting owing: +1.5 ms
-    + 0.1 ms per row under recompute, +0.7 ms under copy_hidden."""
+    """synthetic_frame with leave points (every row out at e, graphed: the decode grid's price plus ``settle``) and
+    the same steps starting owing: +1.5 ms + 0.1 ms per row under recompute, +0.7 ms under copy_hidden."""
     frame = synthetic_frame(spec)
     rows = []
     for k, e in enumerate(spec.exit_layers):
         for b in LEAVE_BATCHES:
-            t = 100e-6 + e * (150e-6 + 0.5e-6 * b + 2e-9 * b * 512) + k * (60e-6 + 0.2e-6 * b) + 40e-6
+            t = 100e-6 + e * (150e-6 + 0.5e-6 * b + 2e-9 * b * 512) + k * (60e-6 + 0.2e-6 * b) + 40e-6 + settle(b)
             for comp, extra in (("leave", 0.0), ("leave_owing_recompute", 1.5e-3 + 0.1e-3 * b),
                                 ("leave_owing_proj", 0.7e-3)):
                 rows.append(dict(component=comp, layers=e, batch=b, context=512, tokens=0, checks=k + 1,
@@ -692,3 +697,30 @@ def test_restricted_leave_points_keep_the_models_exits(tmp_path):
         assert (after["checks"] == [SPEC.exit_layers.index(e) + 1 for e in after.index.get_level_values(0)]).all()
         b = after.index.get_level_values(1).to_numpy()
         np.testing.assert_allclose(after["median_s"], before.loc[after.index, "median_s"] - tab[b], rtol=1e-9)
+
+
+@pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
+def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv):
+    """A graphed step whose rows all leave at exit k prices to the profile's ``leave`` point at its batch and
+    context (what settling the rows adds, measured, on top of the decode grid: ``leave_tab``), linear in the
+    batch between the measured ones and held beyond the largest; fill adds its fill of the skipped layers on top.
+    A pass to full depth pays nothing of it, and a profile without leave points prices as before."""
+    from dataclasses import replace
+
+    frame = leave_frame()
+    write_profile(tmp_path / "leave.parquet", frame, META)
+    m = ProfileCostModel(tmp_path / "leave.parquet", SPEC, kv_policy=kv, include_schedule=False)
+    old = ProfileCostModel(Profile(synthetic_frame(), META, ""), SPEC, kv_policy=kv, include_schedule=False)
+    assert old.leave_tab is None
+    points = frame[frame.component == "leave"].set_index(["layers", "batch"])["median_s"]
+    for b, k in ((1, 0), (2, 1), (3, 2), (8, 0), (12, 1)):
+        work = decode_work(SPEC, b, 512, exit_k=k)
+        if kv != "fill":  # the rows that left owe (recompute, copy_hidden past the pass): nothing projected now
+            work = replace(work, proj_rows=np.zeros_like(work.proj_rows))
+        parts = m.breakdown(work)
+        assert parts["leave"] == pytest.approx(settle(min(b, 8)), rel=1e-9)
+        assert m.iteration_time(work)[0] == pytest.approx(old.iteration_time(work)[0] + settle(min(b, 8)), rel=1e-9)
+        if kv != "fill" and b in LEAVE_BATCHES:
+            assert m.iteration_time(work)[0] == pytest.approx(points[(SPEC.exit_layers[k], b)], rel=1e-9)
+    full = decode_work(SPEC, 4, 512)
+    assert "leave" not in m.breakdown(full) and m.iteration_time(full)[0] == old.iteration_time(full)[0]
