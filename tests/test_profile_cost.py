@@ -607,9 +607,13 @@ def test_analytical_one_step_path_equals_the_array_path_bit_for_bit(exits):
 LEAVE_BATCHES = (1, 2, 4, 8)
 
 
-def settle(b):
-    """What the synthetic leave points add to the decode grid's price of the same step (settling the rows)."""
-    return 150e-6 + 10e-6 * b
+SETTLE = 180e-6  # what the synthetic leave points add to the decode grid's price of the same step
+
+
+def settle(b, k=0):
+    """The synthetic leave points' settling time: 180 us, except one outlier point (batch 2 at exit 1: +1 ms) and
+    two low ones (batch 4: -60 us), as single host-synced points come out of a real sweep."""
+    return SETTLE + (1e-3 if (b, k) == (2, 1) else 0.0) - (60e-6 if b == 4 and k < 2 else 0.0)
 
 
 def leave_frame(spec=SPEC):
@@ -619,7 +623,7 @@ def leave_frame(spec=SPEC):
     rows = []
     for k, e in enumerate(spec.exit_layers):
         for b in LEAVE_BATCHES:
-            t = 100e-6 + e * (150e-6 + 0.5e-6 * b + 2e-9 * b * 512) + k * (60e-6 + 0.2e-6 * b) + 40e-6 + settle(b)
+            t = 100e-6 + e * (150e-6 + 0.5e-6 * b + 2e-9 * b * 512) + k * (60e-6 + 0.2e-6 * b) + 40e-6 + settle(b, k)
             for comp, extra in (("leave", 0.0), ("leave_owing_recompute", 1.5e-3 + 0.1e-3 * b),
                                 ("leave_owing_proj", 0.7e-3)):
                 rows.append(dict(component=comp, layers=e, batch=b, context=512, tokens=0, checks=k + 1,
@@ -701,10 +705,10 @@ def test_restricted_leave_points_keep_the_models_exits(tmp_path):
 
 @pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
 def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv):
-    """A graphed step whose rows all leave at exit k prices to the profile's ``leave`` point at its batch and
-    context (what settling the rows adds, measured, on top of the decode grid: ``leave_tab``), linear in the
-    batch between the measured ones and held beyond the largest; fill adds its fill of the skipped layers on top.
-    A pass to full depth pays nothing of it, and a profile without leave points prices as before."""
+    """A graphed step whose rows all leave at an exit pays what the profile's ``leave`` points measured beyond the
+    decode grid's price of the same work (``leave_tab``): the median over the points, so that one point off by a
+    millisecond moves nothing, at every batch and exit; fill adds its fill of the skipped layers on top. A pass to
+    full depth pays nothing of it, and a profile without leave points prices as before."""
     from dataclasses import replace
 
     frame = leave_frame()
@@ -717,10 +721,10 @@ def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv)
         work = decode_work(SPEC, b, 512, exit_k=k)
         if kv != "fill":  # the rows that left owe (recompute, copy_hidden past the pass): nothing projected now
             work = replace(work, proj_rows=np.zeros_like(work.proj_rows))
-        parts = m.breakdown(work)
-        assert parts["leave"] == pytest.approx(settle(min(b, 8)), rel=1e-9)
-        assert m.iteration_time(work)[0] == pytest.approx(old.iteration_time(work)[0] + settle(min(b, 8)), rel=1e-9)
-        if kv != "fill" and b in LEAVE_BATCHES:
-            assert m.iteration_time(work)[0] == pytest.approx(points[(SPEC.exit_layers[k], b)], rel=1e-9)
+        assert m.breakdown(work)["leave"] == pytest.approx(SETTLE, rel=1e-9)
+        assert m.iteration_time(work)[0] == pytest.approx(old.iteration_time(work)[0] + SETTLE, rel=1e-9)
+        if kv != "fill" and b in LEAVE_BATCHES:  # at a typical point, that point; at the outlier, not
+            want = points[(SPEC.exit_layers[k], b)] - settle(b, k) + SETTLE
+            assert m.iteration_time(work)[0] == pytest.approx(want, rel=1e-9)
     full = decode_work(SPEC, 4, 512)
     assert "leave" not in m.breakdown(full) and m.iteration_time(full)[0] == old.iteration_time(full)[0]
