@@ -65,6 +65,7 @@ def main() -> int:
 
     chains = [("rmsnorm x256", norms, 256, 0), ("o-proj + residual x32", oproj, 32, 32 * d * d * 2),
               ("MLP x32 (2 GEMVs each)", mlp, 64, 32 * 3 * inter * d * 2)]
+    user_setting = os.environ.get("EESIM_PDL")
     os.environ["EESIM_PDL"] = "1"
     print(f"{torch.cuda.get_device_name()}; PDL available: {pdl(dev)}; batch 1, bf16")
     print(f"{'chain':<24} {'kernels':>7} {'off ms':>8} {'on ms':>8} {'off us/kernel':>14} {'on us/kernel':>13} "
@@ -83,7 +84,10 @@ def main() -> int:
               f"{on / kernels * 1e6:>13.2f} {(off - on) / kernels * 1e6:>16.2f} "
               f"{(off / floor if floor else float('nan')):>10.3f} {(on / floor if floor else float('nan')):>9.3f} "
               f"{str(same):>12}", flush=True)
-    os.environ.pop("EESIM_PDL")
+    if user_setting is None:
+        os.environ.pop("EESIM_PDL")
+    else:
+        os.environ["EESIM_PDL"] = user_setting
     return 0
 
 

@@ -439,6 +439,7 @@ class ProfileCostModel:
         from eesim.policies import kv_policy, measure
         from eesim.work import WorkCounter
 
+        graphed = self.with_policy("fill")  # the step's price on the graphed path, whatever this model's policy
         excess = []
         for k, e in enumerate(self.model.exit_layers):
             sub = leave[leave["layers"] == e]
@@ -448,10 +449,9 @@ class ProfileCostModel:
                 b = int(b)
                 plan = IterationPlan(0, [None] * b, np.ones(b, np.int64), np.full(b, int(c) - 1, np.int64),
                                      np.ones(b, bool), np.ones(b, bool), [[] for _ in range(b)], np.ones(b, np.int64))
-                parts = self._parts(counter.count(plan, np.full((1, b), k)))
+                parts = graphed._parts(counter.count(plan, np.full((1, b), k)))
                 parts.pop("schedule", None)
                 excess.append(float(t) - float(sum(v[0] for v in parts.values())))
-        self.reset_counters()
         if not excess:
             return None
         tab = np.zeros((len(rows), self.S))

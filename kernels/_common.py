@@ -64,20 +64,27 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
 def pdl(device: torch.device) -> bool:
     """Whether to launch the decode chain's kernels with programmatic dependent launch.
 
-    With PDL a kernel may start while the one before it drains: its programs signal
-    ``gdc_launch_dependents`` at once, read only what no kernel writes (weights) before ``gdc_wait``, and
-    store nothing before it, so the next kernel's launch and first weight tiles overlap this one's tail
-    (docs/benchmarks.md, "Programmatic dependent launch"). Needs compiled Triton on compute capability 9.0+;
+    With PDL a kernel may start while the one before it drains: its programs read only what no kernel writes
+    (weights) before ``gdc_wait`` and store nothing before it, so the next kernel's launch and first weight
+    tiles overlap this one's tail (docs/benchmarks.md, "Programmatic dependent launch"). Needs compiled
+    Triton on an NVIDIA GPU of compute capability 9.0+ (not ROCm, whose devices also say "cuda");
     ``EESIM_PDL=0`` turns it off (for A/B timing).
     """
-    if not HAVE_GDC or device.type != "cuda" or interpreting() or os.environ.get("EESIM_PDL", "1") == "0":
+    if not HAVE_GDC or device.type != "cuda" or interpreting() or os.environ.get("EESIM_PDL", "1") == "0" \
+            or torch.version.hip is not None:
         return False
-    return _capability(device) >= (9, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def pdl_launch(use: bool) -> dict:
+    """The launch option for ``use``: passed only when on (backends without PDL reject the option itself)."""
+    return {"launch_pdl": True} if use else {}
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def next_pow2(n: int) -> int:

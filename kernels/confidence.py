@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, pdl_launch, tl, triton, use_triton
 
 
 @triton.jit
@@ -58,5 +58,5 @@ def max_prob_argmax(logits, *, backend=None):
     if rows:
         use_pdl = pdl(x.device)
         _max_prob_argmax_kernel[(rows,)](x, conf, idx, V, x.stride(0), BLOCK=min(4096, next_pow2(V)),
-                                         PDL=use_pdl, num_warps=8, launch_pdl=use_pdl)
+                                         PDL=use_pdl, num_warps=8, **pdl_launch(use_pdl))
     return conf.reshape(logits.shape[:-1]), idx.reshape(logits.shape[:-1])

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (gdc_launch_dependents, gdc_wait, interpreting, pdl, shared_memory_bytes, tl, triton,
-                      use_triton)
+from ._common import (gdc_launch_dependents, gdc_wait, interpreting, pdl, pdl_launch, shared_memory_bytes, tl,
+                      triton, use_triton)
 
 MAX_ROWS = 16  # the kernel's row limit (one 16-row tl.dot tile); callers keep cuBLAS above their crossover
 
@@ -235,7 +235,8 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
         act = None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if w.stride(-1) != 1:
+    w_copied = w.stride(-1) != 1
+    if w_copied:
         w = w.contiguous()
     r2 = None
     if residual is not None:
@@ -253,7 +254,7 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
                  + (2 if act == "glu" else 1) * block_n * block_k * w.element_size())
         stages = max(1, min(stages, shared_memory_bytes(x2.device) // tiles))
     upcast = w.dtype == torch.float32 or interpreting()
-    use_pdl = pdl(x2.device)
+    use_pdl = pdl(x2.device) and not w_copied  # a weight written just now must not be read before the wait
     if block_m == 1:
         sxm, sym, srm = 0, 0, 0
     else:
@@ -262,5 +263,5 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
         x2, w, y, r2 if r2 is not None else y, m, n, k, sxm, w.stride(0), sym, srm,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
         HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", PDL=use_pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
+        num_warps=warps, num_stages=stages, **pdl_launch(use_pdl))
     return y.reshape(*x.shape[:-1], n)

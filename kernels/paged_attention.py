@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ._common import (check_paged_attention, gdc_launch_dependents, gdc_wait, ieee_dot, next_pow2, num_sms, pdl, tl,
-                      triton, use_triton)
+from ._common import (check_paged_attention, gdc_launch_dependents, gdc_wait, ieee_dot, next_pow2, num_sms, pdl,
+                      pdl_launch, tl, triton, use_triton)
 
 DEFAULT_PARTITION = 512
 # Split-K also when the context bound exceeds this, however many rows: without a split one program walks a
@@ -217,7 +217,7 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     use_pdl = pdl(q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=BLOCK_G,
-                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype), PDL=use_pdl, launch_pdl=use_pdl)
+                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype), PDL=use_pdl, **pdl_launch(use_pdl))
     kc, vc = k_cache_layer, v_cache_layer
     kv_strides = (kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2))
     scale_log2 = scale * 1.4426950408889634  # softmax via exp2
@@ -240,5 +240,6 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
         acc, m, l, context_lens, out,
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         out.stride(0), out.stride(1), psize,
-        HEAD_DIM=head_dim, BLOCK_P=max(2, next_pow2(n_parts)), BLOCK_D=BLOCK_D, PDL=use_pdl, launch_pdl=use_pdl)
+        HEAD_DIM=head_dim, BLOCK_P=max(2, next_pow2(n_parts)), BLOCK_D=BLOCK_D, PDL=use_pdl,
+        **pdl_launch(use_pdl))
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl, pdl_launch, tl, triton, use_triton
 
 
 @triton.jit
@@ -56,5 +56,5 @@ def rmsnorm(x, weight, eps=1e-6, *, out=None, backend=None):
         # Cap at 4096 fp32 per tile: a 4-warp program then holds 32 floats per thread.
         _rmsnorm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0),
                                         hidden, eps, BLOCK=min(4096, next_pow2(hidden)), PDL=use_pdl,
-                                        launch_pdl=use_pdl)
+                                        **pdl_launch(use_pdl))
     return y.reshape(x.shape)

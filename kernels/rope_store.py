@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import gdc_launch_dependents, gdc_wait, pdl, tl, triton, use_triton
+from ._common import gdc_launch_dependents, gdc_wait, pdl, pdl_launch, tl, triton, use_triton
 from .kv_store import store_kv_ref
 from .rotary import apply_rotary_ref, rotate_head
 
@@ -99,5 +99,5 @@ def rotary_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positi
         qkv.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), cos.stride(0), sin.stride(0),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, PAGE=kc.shape[1], PDL=use_pdl,
-        launch_pdl=use_pdl)
+        **pdl_launch(use_pdl))
     return q_out

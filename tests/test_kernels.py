@@ -488,9 +488,10 @@ def test_max_prob_argmax_matches_reference(dtype, rows, vocab):
 
 
 def test_pdl_only_compiled_on_a_gpu(monkeypatch):
-    from eesim.kernels._common import pdl
+    from eesim.kernels._common import pdl, pdl_launch
 
     assert not pdl(torch.device("cpu"))
+    assert pdl_launch(False) == {}  # backends without PDL reject the launch option itself: passed only when on
     monkeypatch.setenv("EESIM_PDL", "0")
     assert not pdl(torch.device("cuda"))  # the switch is read before any device query
 
