@@ -17,7 +17,7 @@ iteration's work into the profiled components and adds them up:
   plus the owed grid's fixed part (``owing_step``: the marginal of the fewest owed rows extrapolated to
   no layers);
 - a decode step whose rows all leave at an exit (the pass ends there) pays what the profile's ``leave`` points
-  measured beyond the decode grid's price of the same work (``leave_tab``: keeping the leaving rows' tokens and
+  measured beyond the decode grid's price of the same work (``leave_time``: keeping the leaving rows' tokens and
   exit states, the pass ended at the exit), the median over the points (0.09-0.24 ms on the H100); profiles
   without leave points price as before;
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
@@ -313,10 +313,9 @@ class ProfileCostModel:
         self._mixed_lo = float(self.g_mixed.axes[0][0]) if self.g_mixed is not None else 0.0
         self._chk_lo = (float(self.g_mixed_chk.axes[0][0]) if self.g_mixed_chk is not None else 0.0, self._mixed_lo)
         self._chunk_table = _chunk_table(max(model.max_context, 4096))
-        self.leave_tab = None  # priced without it while it is measured against the model's own prices
+        self.leave_time = None  # priced without it while it is measured against the model's own prices
         self._init_one_step()
-        self.leave_tab = self._graphed_leave_table(frame, rows)
-        self._s_leave = self.leave_tab.tolist() if self.leave_tab is not None else None
+        self.leave_time = self._graphed_leave_time(frame)
 
     def _init_one_step(self) -> None:
         """Plain-Python views of the tables for ``_parts1``, the path of one-step records (most calls: every
@@ -422,15 +421,15 @@ class ProfileCostModel:
             tab[1:, r] = np.where(inside[1:], np.interp(rows[1:], bs, excess), np.nan)
         return tab
 
-    def _graphed_leave_table(self, frame, rows) -> np.ndarray | None:
-        """(rows, reach) seconds a decode step whose rows all leave at an exit pays beyond what the decode and check
+    def _graphed_leave_time(self, frame) -> float | None:
+        """Seconds a decode step whose rows all leave at an exit pays beyond what the decode and check
         tables price: keeping the leaving rows' tokens and exit states, the pass ended at the exit. Measured by
         the ``leave`` points (graphed, nobody owing), each less this model's own price of the same work; one
         value, the median of those differences over every point (exits and batches), for every batch and exit.
         Each difference alone is one host-synced measurement less another, off by up to +-0.3 ms in a sweep on
         the H100 (0 to 1.7 ms across the exits of one profile), while what it measures is host work and small
-        launches that do not depend on the exit and barely on the batch (1-8 rows). Zero at the last column (a
-        pass to full depth); None for profiles without leave points (priced as before)."""
+        launches that do not depend on the exit and barely on the batch (1-8 rows). A pass to full depth pays
+        none of it; None for profiles without leave points (priced as before)."""
         leave = frame[frame["component"] == "leave"]
         if not len(leave) or self.S < 2:
             return None
@@ -452,11 +451,7 @@ class ProfileCostModel:
                 parts = graphed._parts(counter.count(plan, np.full((1, b), k)))
                 parts.pop("schedule", None)
                 excess.append(float(t) - float(sum(v[0] for v in parts.values())))
-        if not excess:
-            return None
-        tab = np.zeros((len(rows), self.S))
-        tab[1:, :-1] = max(float(np.median(excess)), 0.0)
-        return tab
+        return max(float(np.median(excess)), 0.0) if excess else None
 
     def _check_table(self, chk, rows):
         S = self.S
@@ -558,11 +553,10 @@ class ProfileCostModel:
             lf = lm - li
             v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
             parts["fill"] = v[:, 0] * (1 - lf) + v[:, 1] * lf
-        if self.leave_tab is not None:  # the pass ends at an exit: what settling the rows that left adds
-            ends = ~chunk & (work.batch_reach < self.S - 1)
+        if self.leave_time is not None:  # the pass ends at an exit: what settling the rows that left adds
+            ends = ~chunk & (work.batch_reach < self.S - 1) & (chk[:, 0] > 0)
             if ends.any():
-                ci = np.minimum(chk[:, 0].astype(np.int64), Dmax)
-                parts["leave"] = np.where(ends, self.leave_tab[ci, np.minimum(work.batch_reach, self.S - 1)], 0.0)
+                parts["leave"] = np.where(ends, self.leave_time, 0.0)
         if self.include_schedule:
             parts["schedule"] = zeros.copy() if all_chunks else \
                 self.sched_tab[Di[:, 0] if top <= Dmax else np.minimum(Di[:, 0], Dmax)]
@@ -811,8 +805,8 @@ class ProfileCostModel:
             lf = lm - li
             i = 2 * (li * (Dmax + 1) + min(int(rows), Dmax))
             parts["fill"] = self._s_fill[i] * (1 - lf) + self._s_fill[i + 1] * lf
-        if self._s_leave is not None and not chunk and work.batch_reach.item(0) < self.S - 1:
-            parts["leave"] = self._s_leave[min(int(chk[0]), Dmax)][int(work.batch_reach.item(0))]
+        if self.leave_time is not None and not chunk and chk[0] > 0 and work.batch_reach.item(0) < self.S - 1:
+            parts["leave"] = self.leave_time
         if self.include_schedule:
             parts["schedule"] = 0.0 if all_chunks else self._s_sched[min(Di[0], Dmax)]
         flagged = False

@@ -706,7 +706,7 @@ def test_restricted_leave_points_keep_the_models_exits(tmp_path):
 @pytest.mark.parametrize("kv", ["fill", "copy_hidden", "recompute"])
 def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv):
     """A graphed step whose rows all leave at an exit pays what the profile's ``leave`` points measured beyond the
-    decode grid's price of the same work (``leave_tab``): the median over the points, so that one point off by a
+    decode grid's price of the same work (``leave_time``): the median over the points, so that one point off by a
     millisecond moves nothing, at every batch and exit; fill adds its fill of the skipped layers on top. A pass to
     full depth pays nothing of it, and a profile without leave points prices as before."""
     from dataclasses import replace
@@ -715,7 +715,7 @@ def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv)
     write_profile(tmp_path / "leave.parquet", frame, META)
     m = ProfileCostModel(tmp_path / "leave.parquet", SPEC, kv_policy=kv, include_schedule=False)
     old = ProfileCostModel(Profile(synthetic_frame(), META, ""), SPEC, kv_policy=kv, include_schedule=False)
-    assert old.leave_tab is None
+    assert old.leave_time is None
     points = frame[frame.component == "leave"].set_index(["layers", "batch"])["median_s"]
     for b, k in ((1, 0), (2, 1), (3, 2), (8, 0), (12, 1)):
         work = decode_work(SPEC, b, 512, exit_k=k)
