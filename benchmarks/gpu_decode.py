@@ -27,6 +27,7 @@ Usage (H100):  python benchmarks/gpu_decode.py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import eesim.kernels.gemv as gemv  # noqa: E402
 from eesim.cost_model import AnalyticalCostModel  # noqa: E402
 from eesim.exit_trace import synthesize_exit_trace  # noqa: E402
 from eesim.gpu.executor import GPUExecutor  # noqa: E402
@@ -58,6 +60,17 @@ from eesim.gpu.timing import time_call  # noqa: E402
 def tiny_spec() -> ModelSpec:
     return ModelSpec("tiny", num_layers=8, hidden_size=256, num_heads=8, num_kv_heads=8, mlp_size=704,
                      vocab_size=1024, exit_layers=tuple(range(1, 8)), dtype="float32", max_context=1024)
+
+
+def tuned_config(path: str, default):
+    """``kernels.gemv._config`` with the tiles of a bench_gemv ``--best-out`` file where it has the shape (rows
+    bucketed to the swept 16 / 32 / 64), else ``default``."""
+    table = {tuple(int(v) for v in key.split(",")): tuple(cfg) for key, cfg in json.loads(Path(path).read_text()).items()}
+
+    def config(m: int, n: int, k: int):
+        bucket = 16 if m <= 16 else (32 if m <= 32 else 64)
+        return table.get((bucket, n, k), default(m, n, k)) if m > 1 else default(m, n, k)
+    return config
 
 
 def decode_plan(ex: GPUExecutor, batch: int, ctx: int):
@@ -146,6 +159,13 @@ def main() -> None:
     parser.add_argument("--hf-new", type=int, default=64, help="new tokens per generate() in the hf section")
     parser.add_argument("--profile-batches", default="1", help="batches of the profile section (comma list)")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    parser.add_argument("--batches", default="", help="batches of the full and torch sections (default 8,16,32,64,128)")
+    parser.add_argument("--skinny-rows", default="",
+                        help="full section once per value (comma list, e.g. 16,64,16,64 to alternate): the executor's "
+                             "row limit for the skinny GEMM (cuBLAS above it); a value ending in t also takes the "
+                             "tile configurations of --gemv-configs; default: the executor's own")
+    parser.add_argument("--gemv-configs", default="", help="JSON from kernels/bench_gemv.py --best-out: the best "
+                        "configuration per (rows 16/32/64, n, k), for the --skinny-rows values ending in t")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     t_begin = time.perf_counter()
@@ -159,6 +179,8 @@ def main() -> None:
     else:
         spec = MODEL_PRESETS["llama2-7b"]
         batches, contexts, exit_layers, fixed = [8, 16, 32, 64, 128], [512, 2048], (8, 16, 24), 512
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     spec = ModelSpec(**{**{k: getattr(spec, k) for k in ("name", "num_layers", "hidden_size", "num_heads",
                                                           "num_kv_heads", "mlp_size", "vocab_size", "exit_layers",
                                                           "head_dim", "tied_embeddings", "max_context",
@@ -226,15 +248,27 @@ def main() -> None:
               f"{row['tb_s']:5.2f} TB/s  floor {floor * 1e3:7.3f} ms ({row['floor_frac']:.0%}){pred}  {note}",
               flush=True)
 
+    default_config = gemv._config
     h100_cost = lambda s: AnalyticalCostModel(s, HARDWARE_PRESETS["h100"])  # noqa: E731
 
     if "full" in sections:
         ex.configure(spec, "full", "fill", "max_prob", 0.9, "replay", trace)
-        for batch, ctx in fits:
-            _, plan = decode_plan(ex, batch, ctx)
-            sec, out = time_steps(ex, plan, args.warmup, args.repeats)
-            pred = float(h100_cost(spec).iteration_time(out.work)[0])
-            add("full", batch, ctx, L, sec, step_bytes(spec, batch, ctx, L), pred)
+        default_rows = ex.skinny_rows
+        for value in args.skinny_rows.split(",") if args.skinny_rows else [str(default_rows)]:
+            rows_limit, tuned = int(value.rstrip("t")), value.endswith("t")
+            ex.skinny_rows = rows_limit
+            gemv._config = tuned_config(args.gemv_configs, default_config) if tuned else default_config
+            ex._segment_graphs.reset()  # the graphs hold the products of the previous limit
+            for batch, ctx in fits:
+                _, plan = decode_plan(ex, batch, ctx)
+                sec, out = time_steps(ex, plan, args.warmup, args.repeats)
+                pred = float(h100_cost(spec).iteration_time(out.work)[0])
+                add("full", batch, ctx, L, sec, step_bytes(spec, batch, ctx, L), pred,
+                    note=f"skinny GEMM up to {rows_limit} rows{', tuned tiles' if tuned else ''}"
+                    if args.skinny_rows else "")
+        ex.skinny_rows = default_rows
+        gemv._config = default_config
+        ex._segment_graphs.reset()
 
     if "exit" in sections:
         for e in exit_layers:

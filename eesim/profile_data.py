@@ -2,7 +2,8 @@
 
 A profile is one parquet file, one row per measurement::
 
-    component  str    decode | check | check_eager | fill | prefill | mixed | proj | recompute | schedule | fixed |
+    component  str    decode | check | check_eager | check_eager_one | fill | prefill | mixed | proj | recompute |
+                      schedule | fixed |
                       bookkeeping | leave | leave_owing_proj | leave_owing_recompute
     layers     int64  layers run (decode), layers skipped (fill), layers projected / re-run (proj, recompute), the
                       exit layer where every row leaves (leave*)
@@ -10,7 +11,7 @@ A profile is one parquet file, one row per measurement::
                       (schedule, bookkeeping)
     context    int64  positions per decode row (decode, check, mixed, leave*), cached positions before a chunk (prefill)
     tokens     int64  prefill chunk tokens (prefill, mixed), owed rows (proj, recompute)
-    checks     int64  exits checked (check, check_eager, mixed, leave*)
+    checks     int64  exits checked (check, check_eager, check_eager_one, mixed, leave*)
     median_s   float64  median seconds over the repeats
     p25_s, p75_s float64  quartiles (their difference is the IQR)
     repeats    int64  timed repeats after warm-up
@@ -38,7 +39,7 @@ from eesim.model_spec import ModelSpec
 
 FORMAT = 1
 META_KEY = b"eesim_profile"
-COMPONENTS = ("decode", "check", "check_eager", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed",
+COMPONENTS = ("decode", "check", "check_eager", "check_eager_one", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed",
               "bookkeeping", "leave", "leave_owing_proj", "leave_owing_recompute")
 COORDS = ("layers", "batch", "context", "tokens", "checks")
 COLUMNS = ("component", *COORDS, "median_s", "p25_s", "p75_s", "repeats")

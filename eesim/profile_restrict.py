@@ -19,7 +19,12 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     dropped ones are taken out here (priced from the profile's own check grid, as the cost model does).
     Check measurements (``check``, ``check_eager``, ``mixed`` with checks) timed all the profile's
     exits at once; they are rescaled to the model's number of checks, keeping the per-check cost (proj and
-    recompute points timed with checks lose the dropped exits' checks, priced from ``check_eager``).
+    recompute points timed with checks lose the dropped exits' checks, priced from ``check_eager``). The
+    general path's cost is a part per step plus a part per check: where the profile also timed it with one
+    check (``check_eager_one``), ``check_eager`` becomes that point plus the per-check part of each further
+    check (the difference of the two points per check), and the eager checks dropped elsewhere are priced
+    at that per-check part; profiles without those points scale the whole excess with the checks, as before
+    (on the H100 that priced the general path's step at three exits ~0.24 ms low: docs/fidelity.md).
     Decode and leave points at dropped exits are removed; leave points at kept exits lose the dropped exits'
     checks before them (graphed for ``leave``, eager for the owing kinds).
     """
@@ -38,16 +43,22 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     f = profile.frame.copy()
     comp = f["component"].to_numpy()
     med = f["median_s"].to_numpy(dtype=np.float64).copy()
+    eager_tab, one_by_batch = _eager_per_check(f, pm, ref)
     for name in ("check", "check_eager"):
         m = comp == name
         if m.any():
             full = ref.g_full(f.loc[m, "batch"].to_numpy(float), f.loc[m, "context"].to_numpy(float))[0]
             med[m] = full + (med[m] - full) * ratio
+            if name == "check_eager" and one_by_batch:  # the part per step whole, the per-check part scaled
+                for i in np.flatnonzero(m):
+                    b = int(f["batch"].iat[i])
+                    if b in one_by_batch:
+                        med[i] = one_by_batch[b] + (model.num_segments - 2) * eager_tab[min(b, ref.max_rows)]
     # owed points timed with the checks (checks > 0): their checks rescaled as the general path's are
     owed_checked = np.isin(comp, ("proj", "recompute")) & (f["checks"].to_numpy() > 0)
     if owed_checked.any():
         rows_o = np.minimum(f.loc[owed_checked, "batch"].to_numpy().astype(np.int64), ref.max_rows)
-        med[owed_checked] -= (pm.num_segments - model.num_segments) * ref.chk_eager_tab[rows_o]
+        med[owed_checked] -= (pm.num_segments - model.num_segments) * eager_tab[rows_o]
     no_checks = f[(f["component"] == "mixed") & (f["checks"] == 0)].set_index(["batch", "tokens", "context"])["median_s"]
     mixed_checked = (comp == "mixed") & (f["checks"].to_numpy() > 0)
     for i in np.flatnonzero(mixed_checked):
@@ -71,7 +82,7 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     kept_leave = leave & keep
     if kept_leave.any():
         drop_l = np.array([k_prof[int(e)] - k_model[int(e)] for e in layers[kept_leave]], dtype=np.float64)
-        tab = np.where(comp[kept_leave] == "leave", ref.chk_tab[rows[kept_leave]], ref.chk_eager_tab[rows[kept_leave]])
+        tab = np.where(comp[kept_leave] == "leave", ref.chk_tab[rows[kept_leave]], eager_tab[rows[kept_leave]])
         med[kept_leave] -= drop_l * tab
     f["median_s"] = med
     checks = np.isin(comp, ("check", "check_eager")) | mixed_checked | owed_checked
@@ -82,3 +93,20 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     meta["model"] = spec_to_meta(model)
     meta["derived"] = f"exits {list(pm.exit_layers)} restricted to {list(model.exit_layers)} (restrict_exits)"
     return Profile(f[keep].reset_index(drop=True), meta, profile.path)
+
+
+def _eager_per_check(frame, pm: ModelSpec, ref) -> tuple[np.ndarray, dict[int, float]]:
+    """(seconds per eager check by rows, the ``check_eager_one`` points by batch). With those points (and three
+    exits or more), a check's share is the difference of the general path's all-exits and one-exit points
+    over the checks between them (not below 0), interpolated over the rows; without them, the cost model's
+    ``chk_eager_tab`` (the whole excess over the checks) and no points."""
+    one = frame[(frame["component"] == "check_eager_one") & (frame["checks"] == 1)]
+    every = frame[(frame["component"] == "check_eager") & (frame["checks"] == pm.num_segments - 1)]
+    pairs = one.merge(every, on=["batch", "context"], suffixes=("_one", "_all"))
+    if pm.num_segments < 3 or not len(pairs):
+        return ref.chk_eager_tab, {}
+    pairs = pairs.sort_values("batch")
+    per = np.maximum((pairs["median_s_all"] - pairs["median_s_one"]).to_numpy() / (pm.num_segments - 2), 0.0)
+    tab = np.interp(np.arange(len(ref.chk_eager_tab)), pairs["batch"].to_numpy(float), per)
+    tab[0] = 0.0
+    return tab, dict(zip(pairs["batch"].astype(int), pairs["median_s_one"].astype(float)))

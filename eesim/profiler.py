@@ -16,6 +16,10 @@ Components (coordinates in brackets; policy fill unless said; every decode row m
              its difference to decode at layers = L is the cost of the checks
   check_eager  the same on the executor's general path (what copy_hidden and recompute run for a step that
                starts owing K/V)
+  check_eager_one  the same with only the first exit checked (checks 1; models of three exits or more): the
+               general path's cost is a part per step (host-built metadata, eager boundaries) plus a part per
+               check, and the two points tell them apart, so a model with fewer exits than the profile's
+               (profile_restrict.py) is priced with the part per step whole, not scaled with the checks
   fill       [layers skipped, batch rows]  one ``fused_fill`` launch as the executor issues it
   prefill    [tokens, context]  one prompt chunk of ``tokens`` after ``context`` cached positions, full rule
   mixed      [batch, tokens, checks]  ``batch`` decode rows at ``mixed_context`` plus a chunk of ``tokens``
@@ -77,7 +81,8 @@ class ProfileGrid:
     owed_batch: int = 8
     owed_context: int = 512
     leave_batches: tuple[int, ...] = (1, 2, 4, 8)
-    components: tuple[str, ...] = ("schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill", "prefill", "mixed",
+    components: tuple[str, ...] = ("schedule", "bookkeeping", "fixed", "decode", "check", "check_eager",
+                                   "check_eager_one", "fill", "prefill", "mixed",
                                    "proj", "recompute", "leave", "leave_owing_proj", "leave_owing_recompute")
     warmup: int = 2
     repeats: int = 7
@@ -253,6 +258,9 @@ class Profiler:
         if "check_eager" in comps and S > 1:
             pts += [("check_eager", L, b, g.check_context, 0, S - 1) for b in g.batches
                     if self.fits(b * g.check_context, b)]
+        if "check_eager_one" in comps and S > 2:
+            pts += [("check_eager_one", L, b, g.check_context, 0, 1) for b in g.batches
+                    if self.fits(b * g.check_context, b)]
         if "fill" in comps and S > 1:
             pts += [("fill", L - e, b, 0, 0, 0) for e in spec.exit_layers for b in g.batches]
         if "prefill" in comps:
@@ -308,7 +316,7 @@ class Profiler:
     def host_bound(self, point: tuple) -> bool:
         """Whether a point's step waits on the host mid-pass (measured in ``grid.rounds`` rounds)."""
         comp, layers, _, _, _, checks = point
-        return comp in ("check", "check_eager", "proj", "recompute", *LEAVE_COMPONENTS) or (comp == "mixed" and checks > 0) or \
+        return comp in ("check", "check_eager", "check_eager_one", "proj", "recompute", *LEAVE_COMPONENTS) or (comp == "mixed" and checks > 0) or \
             (comp == "decode" and layers < self.spec.num_layers)
 
     def _configure(self, setting, want):
@@ -365,10 +373,12 @@ class Profiler:
             times, work = self.time_plan(plan)
             self.record(point, times, work)
             return setting
-        if comp in ("check", "check_eager"):
-            want = ("never", "fill" if comp == "check" else "copy_hidden")
-            if setting != want:
-                ex.configure(spec, NeverExit(), want[1], "max_prob", 0.9, "model", None)
+        if comp in ("check", "check_eager", "check_eager_one"):
+            one = comp == "check_eager_one"
+            want = ("never1" if one else "never", "fill" if comp == "check" else "copy_hidden")
+            if setting != want:  # check_eager_one: the model with only its first exit
+                ex.configure(spec.with_exits(spec.exit_layers[:1]) if one else spec, NeverExit(), want[1],
+                             "max_prob", 0.9, "model", None)
                 setting = want
             _, plan = self.state(self.contexts(ctx, batch))
             # eager: the general path, which copy_hidden and recompute take for a step that starts owing K/V

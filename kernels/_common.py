@@ -16,12 +16,16 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on Triton-less installs
     HAVE_TRITON = False
     triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=None)
+
+    class OutOfResources(Exception):  # never raised without Triton
+        pass
 
 try:  # programmatic dependent launch (Hopper+): griddepcontrol.wait / launch_dependents
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

@@ -1,6 +1,6 @@
 """Sweep of the skinny-GEMM kernel against cuBLAS (F.linear) on the Llama-2-7B decode shapes (H100).
 
-    PYTHONPATH=$PWD python kernels/bench_gemv.py [--quick]
+    PYTHONPATH=$PWD python kernels/bench_gemv.py [--rows 1,4,8,16] [--fused]
 
 Checks every config against the torch reference first, then times each (CUDA-graph replay of 20
 launches, median) and prints per shape and row count: cuBLAS, the default config, the best config.
@@ -9,6 +9,7 @@ launches, median) and prints per shape and row count: cuBLAS, the default config
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def bench(fn, reps=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--cm", default="", help="configs for 2-16 rows: 'default' (the previous sweep's own list and "
+                    "the SWAP ones) or 'short' (the default config and the SWAP ones)")
+    ap.add_argument("--best-out", default="", help="write the best config per (rows, n, k) here (JSON, n as "
+                    "skinny_linear's config lookup sees it: half the rows of a glu weight)")
+    ap.add_argument("--fused", action="store_true", help="time what the decode layer runs at m > 1: O and down with "
+                    "their residual, gate+up with silu * up in its epilogue (cuBLAS: the same in torch ops)")
     args = ap.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
@@ -56,6 +63,10 @@ def main():
     c1 += [(bn, bk, 4, st, 16) for bn, bk in ((16, 256), (32, 256), (16, 512), (64, 128)) for st in (3, 4)]
     cm = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,) for st in (3, 4)
           if bn * bk <= 16384]
+    # the weight tile as the dot's left operand (SWAP: the MMA's large side is the weight rows), any row count
+    swap = [(bn, bk, 4, st, 0, True) for bn in (64, 128) for bk in (64, 128, 256) for st in (3, 4)]
+    cm = cm + swap
+    cw = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)] + swap
     # max_prob + argmax check
     lg = torch.randn(3, 32000, device=dev, dtype=torch.bfloat16) * 3
     c, i = max_prob_argmax(lg)
@@ -65,25 +76,42 @@ def main():
     t_k = bench(lambda: max_prob_argmax(lg1))
     t_r = bench(lambda: (torch.softmax(lg1.float(), -1).amax(-1), lg1.argmax(-1)))
     print(f"max_prob_argmax B=1: kernel {t_k * 1e6:.1f} us, torch {t_r * 1e6:.1f} us")
+    if args.cm == "short":
+        cm = swap
+    best = {}
     for m in [int(r) for r in args.rows.split(",")]:
         for name, (n, k) in SHAPES.items():
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            ref = skinny_linear_ref(x, w)
-            t_cub = bench(lambda: F.linear(x, w))
+            # what the decode layer runs at m > 1: residual into O and down, silu(gate) * up in gate+up's epilogue
+            act = "glu" if (args.fused and m > 1 and name == "gate_up") else None
+            r = torch.randn(m, n, device=dev, dtype=torch.bfloat16) if (args.fused and name in ("o", "down")) else None
+            ref = skinny_linear_ref(x, w, r, act)
+            h = n // 2
+            if act == "glu":
+                cublas = lambda: (lambda y: F.silu(y[:, :h]) * y[:, h:])(F.linear(x, w))  # noqa: E731
+            elif r is not None:
+                cublas = lambda: r + F.linear(x, w)  # noqa: E731
+            else:
+                cublas = lambda: F.linear(x, w)  # noqa: E731
+            t_cub = bench(cublas)
             nbytes = n * k * 2
             res = []
-            for cfg in (c1 if m == 1 else cm):
-                y = skinny_linear(x, w, config=cfg)
+            n_eff = n // 2 if act == "glu" else n  # what skinny_linear passes to _config
+            for cfg in [_config(m, n_eff, k)] + (c1 if m == 1 else (cm if m <= 16 else cw)):
+                y = skinny_linear(x, w, r, act, config=cfg)
                 err = (y.float() - ref.float()).abs().max().item()
-                if err > 0.05:
+                if err > 0.01 * ref.float().abs().max().item() + 0.01:  # bf16 rounding of the largest outputs
                     print(f"  {name} m={m} cfg {cfg}: WRONG err {err}")
                     continue
-                res.append((bench(lambda: skinny_linear(x, w, config=cfg)), cfg))
+                res.append((bench(lambda: skinny_linear(x, w, r, act, config=cfg)), cfg))
             res.sort()
-            t_def = bench(lambda: skinny_linear(x, w))
-            print(f"m={m:2d} {name:8s} ({n}x{k}): cuBLAS {t_cub * 1e6:6.1f} us {nbytes / t_cub / 1e12:4.2f} TB/s | "
-                  f"default {_config(m, n, k)} {t_def * 1e6:6.1f} us {nbytes / t_def / 1e12:4.2f} TB/s | best "
+            t_def = bench(lambda: skinny_linear(x, w, r, act))
+            if res:
+                best[f"{m},{n_eff},{k}"] = list(res[0][1])
+            label = name + ("+glu" if act else "+res" if r is not None else "")
+            print(f"m={m:2d} {label:8s} ({n}x{k}): cuBLAS {t_cub * 1e6:6.1f} us {nbytes / t_cub / 1e12:4.2f} TB/s | "
+                  f"default {_config(m, n_eff, k)} {t_def * 1e6:6.1f} us {nbytes / t_def / 1e12:4.2f} TB/s | best "
                   + ", ".join(f"{c} {t * 1e6:.1f}us {nbytes / t / 1e12:.2f}" for t, c in res[:3]), flush=True)
         # fused silu_mul + residual (down) vs torch's three ops
         n, k = SHAPES["down"]
@@ -94,6 +122,8 @@ def main():
         t_f = bench(lambda: skinny_linear(gu, w, r, "silu_mul"))
         t_t = bench(lambda: r + F.linear(F.silu(gu[:, :k]) * gu[:, k:], w))
         print(f"m={m:2d} down+silu_mul+residual: fused {t_f * 1e6:.1f} us (err {err:.3f}), torch {t_t * 1e6:.1f} us")
+        if args.best_out:  # after every row count, so that a run cut short keeps what it measured
+            Path(args.best_out).write_text(json.dumps(best, indent=1))
 
 
 if __name__ == "__main__":

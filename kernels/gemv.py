@@ -10,7 +10,8 @@ programs.
 
 Two inner products: ``M == 1`` multiplies elementwise into a (BLOCK_N, BLOCK_K) fp32 accumulator and
 reduces once at the end (no tensor cores, no padding of the row dimension); ``M > 1`` pads the rows to
-16 and uses ``tl.dot``.
+16, 32 or 64 and uses ``tl.dot``. Every program reads all of ``x`` (from L2), so the row limit is where those
+re-reads start to cost more than the weight stream saves over cuBLAS (docs/benchmarks.md).
 
 Fused extras (each saves a kernel launch per use in the decode layer):
 - ``act="silu_mul"``: ``x`` is ``(M, 2K)`` = [gate | up]; the kernel reads ``silu(gate) * up``
@@ -33,10 +34,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (gdc_launch_dependents, gdc_wait, interpreting, pdl, pdl_launch, shared_memory_bytes, tl,
-                      triton, use_triton)
+from ._common import (OutOfResources, gdc_launch_dependents, gdc_wait, interpreting, next_pow2, pdl, pdl_launch,
+                      shared_memory_bytes, tl, triton, use_triton)
 
-MAX_ROWS = 16  # the kernel's row limit (one 16-row tl.dot tile); callers keep cuBLAS above their crossover
+MAX_ROWS = 64  # the kernel's row limit (one tl.dot tile of 16, 32 or 64 rows); cuBLAS above
 
 
 @triton.jit
@@ -85,8 +86,10 @@ def _row_step(acc, acc_u, w, wu, x_ptr, k0, K, offs_k, EVEN_K: tl.constexpr, SIL
 
 @triton.jit
 def _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
-               GLU: tl.constexpr, UPCAST: tl.constexpr):
-    """One BLOCK_K step of the tl.dot path (rows padded to BLOCK_M)."""
+               GLU: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """One BLOCK_K step of the tl.dot path (rows padded to BLOCK_M). SWAP: the weight tile is the dot's left
+    operand, (BLOCK_N x BLOCK_K) @ (BLOCK_K x BLOCK_M) into a (BLOCK_N, BLOCK_M) accumulator, so the MMA's
+    large side is the weight rows, not the few rows of x."""
     if EVEN_K:
         xg = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
         if SILU_MUL:
@@ -102,9 +105,19 @@ def _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K: tl.cons
     else:
         xv = xg.to(w.dtype)
     if UPCAST:
-        acc += tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        xf = xv.to(tl.float32)
+        if SWAP:
+            acc += tl.dot(w.to(tl.float32), tl.trans(xf), input_precision="ieee")
+            if GLU:
+                acc_u += tl.dot(wu.to(tl.float32), tl.trans(xf), input_precision="ieee")
+        else:
+            acc += tl.dot(xf, tl.trans(w.to(tl.float32)), input_precision="ieee")
+            if GLU:
+                acc_u += tl.dot(xf, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+    elif SWAP:
+        acc += tl.dot(w, tl.trans(xv))
         if GLU:
-            acc_u += tl.dot(xv.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
+            acc_u += tl.dot(wu, tl.trans(xv))
     else:
         acc += tl.dot(xv, tl.trans(w))
         if GLU:
@@ -116,7 +129,7 @@ def _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K: tl.cons
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr,
-                   UPCAST: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr):
+                   UPCAST: tl.constexpr, GLU: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -152,23 +165,33 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, r_ptr, M, N, K, stride_xm, stride_wn, st
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc, acc_u = _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, 0, K, offs_k, EVEN_K, SILU_MUL, GLU, UPCAST)
+        if SWAP:  # the accumulator is (BLOCK_N, BLOCK_M): y transposed
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc, acc_u = _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, 0, K, offs_k, EVEN_K, SILU_MUL, GLU, UPCAST,
+                                SWAP)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             w, wu = _weight_tiles(w_ptrs, u_ptrs, k0, K, offs_k, EVEN_K, GLU)
             acc, acc_u = _rows_step(acc, acc_u, w, wu, x_ptrs, m_mask, k0, K, offs_k, EVEN_K, SILU_MUL, GLU,
-                                    UPCAST)
+                                    UPCAST, SWAP)
         if PDL:
             gdc_launch_dependents()
-        out_mask = m_mask[:, None] & n_mask[None, :]
         if GLU:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+        if SWAP:
+            out_mask = n_mask[:, None] & m_mask[None, :]
+            r_off = offs_m[None, :] * stride_rm + offs_n[:, None]
+            y_off = offs_m[None, :] * stride_ym + offs_n[:, None]
+        else:
+            out_mask = m_mask[:, None] & n_mask[None, :]
+            r_off = offs_m[:, None] * stride_rm + offs_n[None, :]
+            y_off = offs_m[:, None] * stride_ym + offs_n[None, :]
         if HAS_RES:
-            acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask,
-                           other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=out_mask)
+            acc += tl.load(r_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def skinny_linear_ref(x, w, residual=None, act=None):
@@ -190,12 +213,35 @@ def skinny_linear_ref(x, w, residual=None, act=None):
     return y.to(x.dtype if residual is None else residual.dtype)
 
 
-def _config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from the H100 sweep in docs/gpu_decode_results.md."""
+# Tiles measured on the H100 (kernels/bench_gemv.py --fused --rows 16,32,64, 2026-11-23, docs/benchmarks.md) for the
+# Llama-2-7B decode products at 16 / 32 / 64 rows: (rows, n, k) -> (BLOCK_N, BLOCK_K, warps, stages, BLOCK_M, SWAP),
+# BLOCK_M 0 for the rows padded to the tile. n is what skinny_linear looks up: half the rows of a glu weight.
+_TUNED = {
+    (16, 12288, 4096): (64, 128, 4, 3, 0, True), (16, 4096, 4096): (32, 256, 4, 4),
+    (16, 11008, 4096): (32, 256, 4, 4), (16, 4096, 11008): (64, 256, 4, 4, 0, True),
+    (16, 32000, 4096): (64, 128, 4, 4, 0, True),
+    (32, 12288, 4096): (64, 128, 4, 3, 0, True), (32, 4096, 4096): (32, 128, 4, 4),
+    (32, 11008, 4096): (64, 128, 4, 4, 0, True), (32, 4096, 11008): (32, 256, 4, 4),
+    (32, 32000, 4096): (128, 128, 4, 3, 0, True),
+    (64, 12288, 4096): (128, 128, 4, 3), (64, 4096, 4096): (32, 128, 4, 4),
+    (64, 11008, 4096): (128, 64, 4, 4, 0, True), (64, 4096, 11008): (32, 128, 4, 4),
+    (64, 32000, 4096): (128, 128, 4, 3),
+}
+
+
+def _config(m: int, n: int, k: int) -> tuple:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M[, SWAP]]) (BLOCK_M 0 or absent: the rows padded to 1,
+    16, 32 or 64; SWAP absent: False): the measured tiles for the Llama-2-7B shapes, else rules from the sweeps in
+    docs/gpu_decode_results.md and docs/benchmarks.md."""
     if m == 1:  # elementwise path: narrow tiles, long coalesced rows
         if k > 8192:
             return 8, 1024, 4, 1
         return (4, 1024, 4, 1) if n >= 8192 else (8, 512, 4, 1)
+    tuned = _TUNED.get((max(16, next_pow2(m)), n, k))
+    if tuned is not None:
+        return tuned
+    if m > 16:  # tl.dot path, 32 or 64 rows: the weight rows as the MMA's large side
+        return (128, 128, 4, 3, 0, True) if n >= 16384 else (64, 128, 4, 4, 0, True)
     if n >= 16384:  # tl.dot path
         return 64, 256, 4, 4
     return (32, 512, 4, 4) if k > 8192 else (32, 256, 4, 4)
@@ -248,7 +294,9 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     cfg = tuple(config or _config(m, n, k))
     block_n, block_k, warps, stages = cfg[:4]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
-    block_m = cfg[4] if len(cfg) > 4 else (1 if m == 1 else 16)  # a 5th entry 16 forces tl.dot at m=1
+    # rows padded to one tl.dot tile (a 5th entry 16 forces tl.dot at m=1)
+    block_m = cfg[4] if len(cfg) > 4 and cfg[4] else (1 if m == 1 else max(16, next_pow2(m)))
+    swap = block_m > 1 and len(cfg) > 5 and bool(cfg[5])
     if block_m > 1:  # the tl.dot path's pipeline holds `stages` copies of its tiles in shared memory (H100: 228 KB)
         tiles = ((2 if act == "silu_mul" else 1) * block_m * block_k * x2.element_size()
                  + (2 if act == "glu" else 1) * block_n * block_k * w.element_size())
@@ -259,9 +307,23 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
         sxm, sym, srm = 0, 0, 0
     else:
         sxm, sym, srm = x2.stride(0), y.stride(0), (r2.stride(0) if r2 is not None else 0)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x2, w, y, r2 if r2 is not None else y, m, n, k, sxm, w.stride(0), sym, srm,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
-        HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", PDL=use_pdl,
-        num_warps=warps, num_stages=stages, **pdl_launch(use_pdl))
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
+                  HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", SWAP=swap,
+                  PDL=use_pdl, num_warps=warps)
+    key = tuple(consts.items())
+    stages = min(stages, _STAGES_FIT.get(key, stages))
+    while True:
+        try:
+            _skinny_kernel[(triton.cdiv(n, block_n),)](
+                x2, w, y, r2 if r2 is not None else y, m, n, k, sxm, w.stride(0), sym, srm,
+                num_stages=stages, **consts, **pdl_launch(use_pdl))
+            break
+        except OutOfResources:  # the estimate above misses the compiler's own buffers: one stage fewer
+            if stages == 1:
+                raise
+            stages = _STAGES_FIT[key] = stages - 1
     return y.reshape(*x.shape[:-1], n)
+
+
+# (kernel constants) -> the most pipeline stages that fit in shared memory, where the estimate was too high
+_STAGES_FIT: dict[tuple, int] = {}

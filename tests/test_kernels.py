@@ -29,6 +29,7 @@ from eesim.kernels import (  # noqa: E402
     rotary_store_kv,
     rotary_store_kv_ref,
     rotary_tables,
+    SKINNY_MAX_ROWS,
     skinny_linear,
     skinny_linear_ref,
     store_kv,
@@ -421,7 +422,8 @@ def test_rotary_store_kv_refuses_mismatched_shapes():
 @pytest.mark.parametrize("m,n,k,act,res", [(1, 37, 100, None, False), (1, 64, 1536, "silu_mul", True),
                                            (3, 50, 70, None, True), (16, 33, 256, "silu_mul", False),
                                            (5, 16, 1024, None, False), (1, 130, 2048, None, True),
-                                           (8, 97, 300, "silu_mul", True)])
+                                           (8, 97, 300, "silu_mul", True), (20, 70, 200, None, True),
+                                           (33, 40, 96, "silu_mul", False), (64, 48, 160, None, True)])
 def test_skinny_linear_matches_reference(dtype, m, n, k, act, res):
     g = gen(m * 1000 + n)
     x = torch.randn(m, 2 * k if act else k, generator=g).to(dtype)
@@ -432,6 +434,9 @@ def test_skinny_linear_matches_reference(dtype, m, n, k, act, res):
     y = skinny_linear(x, w, r, act, backend="triton")
     assert y.shape == (m, n) and y.dtype == dtype
     torch.testing.assert_close(y.float(), skinny_linear_ref(x, w, r, act).float(), **TOL[dtype])
+    if m > 1:  # the weight tile as the dot's left operand (SWAP)
+        ys = skinny_linear(x, w, r, act, config=(32, 64, 4, 2, 0, True), backend="triton")
+        torch.testing.assert_close(ys.float(), skinny_linear_ref(x, w, r, act).float(), **TOL[dtype])
     # the torch fallback (backend="torch") computes the same thing
     torch.testing.assert_close(skinny_linear(x, w, r, act, backend="torch").float(),
                                skinny_linear_ref(x, w, r, act).float(), **TOL[dtype])
@@ -439,7 +444,8 @@ def test_skinny_linear_matches_reference(dtype, m, n, k, act, res):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 37, 100), (1, 64, 1536), (3, 50, 70), (16, 33, 256), (8, 96, 1024)])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 100), (1, 64, 1536), (3, 50, 70), (16, 33, 256), (8, 96, 1024),
+                                   (24, 40, 130), (57, 33, 64)])
 def test_skinny_linear_glu_epilogue(dtype, m, n, k):
     """act="glu": silu(x @ gate.T) * (x @ up.T) from the [gate; up] weight, on both paths, against the fp32
     reference and against the unfused chain (the product rounded, then torch's silu and mul)."""
@@ -454,6 +460,9 @@ def test_skinny_linear_glu_epilogue(dtype, m, n, k):
     if m == 1:  # and through tl.dot at one row
         y = skinny_linear(x, w, act="glu", config=(16, 64, 4, 2, 16), backend="triton")
         torch.testing.assert_close(y.float(), want.float(), **TOL[dtype])
+    else:  # and with the weight tile as the dot's left operand
+        ys = skinny_linear(x, w, act="glu", config=(32, 64, 4, 2, 0, True), backend="triton")
+        torch.testing.assert_close(ys.float(), want.float(), **TOL[dtype])
     gu = (x.float() @ w.float().t()).to(dtype)
     chain = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
     torch.testing.assert_close(y.float(), chain.float(), **TOL[dtype])
@@ -469,7 +478,7 @@ def test_skinny_linear_forced_dot_path_and_large_rows():
     w = torch.randn(48, 200, generator=g).to(DEVICE)
     y = skinny_linear(x, w, config=(16, 64, 4, 2, 16), backend="triton")  # m=1 through tl.dot
     torch.testing.assert_close(y, skinny_linear_ref(x, w), **TOL[torch.float32])
-    xb = torch.randn(20, 200, generator=g).to(DEVICE)  # above MAX_ROWS: torch path
+    xb = torch.randn(SKINNY_MAX_ROWS + 3, 200, generator=g).to(DEVICE)  # above MAX_ROWS: torch path
     torch.testing.assert_close(skinny_linear(xb, w, backend="triton"), skinny_linear_ref(xb, w), **TOL[torch.float32])
 
 

@@ -589,6 +589,44 @@ def test_restricted_owed_points_lose_the_dropped_exits_checks(tmp_path):
         np.testing.assert_allclose(after["median_s"], before.loc[after.index] - per_check, rtol=1e-9)
 
 
+def test_restricted_general_path_keeps_its_part_per_step(tmp_path):
+    """With check_eager_one points the general path's part per step stays whole when a profile of seven exits is
+    restricted to three (only the per-check part scales), and the eager checks dropped from owed points are priced
+    at the per-check part; without them the whole excess scales with the checks, as before."""
+    from eesim.profile_cost import restrict_exits
+
+    wide = MODEL_PRESETS["llama2-7b"].with_exits(tuple(range(4, 32, 4)))
+    S_w, S_n = wide.num_segments, SPEC.num_segments
+    frame = checked_owed_frame(wide)
+    chk = lambda b: 60e-6 + 0.2e-6 * b  # noqa: E731 (synthetic_frame's law)
+    per_step, per_check = 400e-6, lambda b: 3 * chk(b)  # noqa: E731
+    eager = frame.component == "check_eager"
+    base = frame.loc[eager, "median_s"] - (S_w - 1) * per_check(frame.loc[eager, "batch"])
+    frame.loc[eager, "median_s"] = base + per_step + (S_w - 1) * per_check(frame.loc[eager, "batch"])
+    one = frame[eager].copy()
+    one["component"], one["checks"] = "check_eager_one", 1
+    one["median_s"] = base + per_step + per_check(one["batch"])
+    with_one = pd.concat([frame, one], ignore_index=True)
+    meta = {**META, "model": spec_to_meta(wide)}
+    narrow = restrict_exits(Profile(with_one, meta, ""), SPEC).frame
+    got = narrow[narrow.component == "check_eager"].set_index("batch")["median_s"]
+    want = (base + per_step + (S_n - 1) * per_check(frame.loc[eager, "batch"])).set_axis(frame.loc[eager, "batch"])
+    np.testing.assert_allclose(got.loc[want.index], want, rtol=1e-9)
+    # owed points (batch 8) lose the dropped exits' eager checks at the per-check part alone
+    before = with_one[with_one.component == "proj"].set_index(["layers", "tokens"])["median_s"]
+    after = narrow[narrow.component == "proj"].set_index(["layers", "tokens"])["median_s"]
+    dropped = (S_w - S_n) * np.interp(8, BATCHES, [per_check(b) for b in BATCHES])
+    np.testing.assert_allclose(after, before.loc[after.index] - dropped, rtol=1e-9)
+    # without the one-check points the whole excess over full depth scales with the checks (the previous behaviour)
+    old = restrict_exits(Profile(frame, meta, ""), SPEC).frame
+    scaled = old[old.component == "check_eager"].set_index("batch")["median_s"]
+    full = frame[(frame.component == "decode") & (frame.layers == wide.num_layers)
+                 & (frame.context == 512)].set_index("batch")["median_s"]
+    every = frame[eager].set_index("batch")["median_s"]
+    np.testing.assert_allclose(scaled.loc[want.index], (full + (every - full) * (S_n - 1) / (S_w - 1)).loc[want.index],
+                               rtol=1e-9)
+
+
 @pytest.mark.parametrize("exits", [(8, 16, 24), tuple(range(4, 32, 4))])
 def test_analytical_one_step_path_equals_the_array_path_bit_for_bit(exits):
     """The analytical model prices a one-step record on Python floats (``_one_step_time``): the same numbers, bit

@@ -41,7 +41,8 @@ def test_every_grid_point_present(swept):
     got = set(map(tuple, frame[["component", "layers", "batch", "context", "tokens", "checks"]].itertuples(
         index=False, name=None)))
     assert got == set(prof.points())
-    assert set(frame["component"]) == {"schedule", "bookkeeping", "fixed", "decode", "check", "check_eager", "fill",
+    assert set(frame["component"]) == {"schedule", "bookkeeping", "fixed", "decode", "check", "check_eager",
+                                       "check_eager_one", "fill",
                                        "prefill", "mixed", "proj", "recompute", "leave", "leave_owing_proj",
                                        "leave_owing_recompute"}
     # decode: every exit layer and the last x every batch x context

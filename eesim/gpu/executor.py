@@ -24,7 +24,7 @@ then ``rule.decide(confident, active, k)``; leaving rows emit that exit's argmax
 (the batch shrinks by an index-select). Owed K/V is produced as the KV policy declares: see
 general_path.py.
 
-Matrix products go through ``_linear``: up to ``skinny_rows`` (16) rows the skinny-GEMM kernel
+Matrix products go through ``_linear``: up to ``skinny_rows`` (64) rows the skinny-GEMM kernel
 (kernels/gemv.py; residual adds and the MLP's silu(gate) * up fused in: at one row into the down
 GEMV's prologue, above into the gate+up GEMM's epilogue), cuBLAS above. The exit
 heads use it too (``_exit_logits``); the graphed max_prob check computes confidence and argmax in one
