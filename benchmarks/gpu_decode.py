@@ -264,7 +264,7 @@ def main() -> None:
                 sec, out = time_steps(ex, plan, args.warmup, args.repeats)
                 pred = float(h100_cost(spec).iteration_time(out.work)[0])
                 add("full", batch, ctx, L, sec, step_bytes(spec, batch, ctx, L), pred,
-                    note=f"skinny GEMM up to {rows_limit} rows{', tuned tiles' if tuned else ''}"
+                    note=f"skinny GEMM up to {min(rows_limit, gemv.MAX_ROWS)} rows{', tuned tiles' if tuned else ''}"
                     if args.skinny_rows else "")
         ex.skinny_rows = default_rows
         gemv._config = default_config

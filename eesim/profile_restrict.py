@@ -51,9 +51,10 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
             med[m] = full + (med[m] - full) * ratio
             if name == "check_eager" and one_by_batch:  # the part per step whole, the per-check part scaled
                 for i in np.flatnonzero(m):
-                    b = int(f["batch"].iat[i])
-                    if b in one_by_batch:
-                        med[i] = one_by_batch[b] + (model.num_segments - 2) * eager_tab[min(b, ref.max_rows)]
+                    b, c = int(f["batch"].iat[i]), int(f["context"].iat[i])
+                    if (b, c) in one_by_batch:  # (never above the all-exits point, which checked more)
+                        one, every = one_by_batch[(b, c)]
+                        med[i] = min(one + max(model.num_segments - 2, 0) * eager_tab[min(b, ref.max_rows)], every)
     # owed points timed with the checks (checks > 0): their checks rescaled as the general path's are
     owed_checked = np.isin(comp, ("proj", "recompute")) & (f["checks"].to_numpy() > 0)
     if owed_checked.any():
@@ -95,11 +96,11 @@ def restrict_exits(profile: Profile, model: ModelSpec) -> Profile:
     return Profile(f[keep].reset_index(drop=True), meta, profile.path)
 
 
-def _eager_per_check(frame, pm: ModelSpec, ref) -> tuple[np.ndarray, dict[int, float]]:
-    """(seconds per eager check by rows, the ``check_eager_one`` points by batch). With those points (and three
-    exits or more), a check's share is the difference of the general path's all-exits and one-exit points
-    over the checks between them (not below 0), interpolated over the rows; without them, the cost model's
-    ``chk_eager_tab`` (the whole excess over the checks) and no points."""
+def _eager_per_check(frame, pm: ModelSpec, ref) -> tuple[np.ndarray, dict[tuple[int, int], tuple[float, float]]]:
+    """(seconds per eager check by rows, {(batch, context): (the ``check_eager_one`` point, the ``check_eager``
+    point)}). With those points (and three exits or more), a check's share is the difference of the general path's
+    all-exits and one-exit points over the checks between them (not below 0), interpolated over the rows; without
+    them, the cost model's ``chk_eager_tab`` (the whole excess over the checks) and no points."""
     one = frame[(frame["component"] == "check_eager_one") & (frame["checks"] == 1)]
     every = frame[(frame["component"] == "check_eager") & (frame["checks"] == pm.num_segments - 1)]
     pairs = one.merge(every, on=["batch", "context"], suffixes=("_one", "_all"))
@@ -109,4 +110,5 @@ def _eager_per_check(frame, pm: ModelSpec, ref) -> tuple[np.ndarray, dict[int, f
     per = np.maximum((pairs["median_s_all"] - pairs["median_s_one"]).to_numpy() / (pm.num_segments - 2), 0.0)
     tab = np.interp(np.arange(len(ref.chk_eager_tab)), pairs["batch"].to_numpy(float), per)
     tab[0] = 0.0
-    return tab, dict(zip(pairs["batch"].astype(int), pairs["median_s_one"].astype(float)))
+    keys = zip(pairs["batch"].astype(int), pairs["context"].astype(int))
+    return tab, dict(zip(keys, zip(pairs["median_s_one"].astype(float), pairs["median_s_all"].astype(float))))

@@ -387,7 +387,8 @@ class Profiler:
                 times, work = self.time_plan(plan)
             finally:
                 ex.graphed_decode = True
-            self.record(point, times, work)
+            # check_eager_one's work counts a one-exit model's segments: not priceable by the profile's model
+            self.record(point, times, None if one else work)
             return setting
         if comp == "fill":
             self.record(point, self.time_call(self._fill_call(batch, L - layers)))

@@ -295,7 +295,9 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     block_n, block_k, warps, stages = cfg[:4]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     # rows padded to one tl.dot tile (a 5th entry 16 forces tl.dot at m=1)
-    block_m = cfg[4] if len(cfg) > 4 and cfg[4] else (1 if m == 1 else max(16, next_pow2(m)))
+    block_m = 1 if m == 1 else max(16, next_pow2(m))
+    if len(cfg) > 4 and cfg[4]:  # never fewer rows than x has: rows past the tile would be left unwritten
+        block_m = max(int(cfg[4]), block_m)
     swap = block_m > 1 and len(cfg) > 5 and bool(cfg[5])
     if block_m > 1:  # the tl.dot path's pipeline holds `stages` copies of its tiles in shared memory (H100: 228 KB)
         tiles = ((2 if act == "silu_mul" else 1) * block_m * block_k * x2.element_size()

@@ -478,6 +478,10 @@ def test_skinny_linear_forced_dot_path_and_large_rows():
     w = torch.randn(48, 200, generator=g).to(DEVICE)
     y = skinny_linear(x, w, config=(16, 64, 4, 2, 16), backend="triton")  # m=1 through tl.dot
     torch.testing.assert_close(y, skinny_linear_ref(x, w), **TOL[torch.float32])
+    xm = torch.randn(20, 200, generator=g).to(DEVICE)  # a forced 16-row tile still covers all 20 rows
+    for cfg in ((16, 64, 4, 2, 16), (32, 64, 4, 2, 16, True)):
+        torch.testing.assert_close(skinny_linear(xm, w, config=cfg, backend="triton"), skinny_linear_ref(xm, w),
+                                   **TOL[torch.float32])
     xb = torch.randn(SKINNY_MAX_ROWS + 3, 200, generator=g).to(DEVICE)  # above MAX_ROWS: torch path
     torch.testing.assert_close(skinny_linear(xb, w, backend="triton"), skinny_linear_ref(xb, w), **TOL[torch.float32])
 

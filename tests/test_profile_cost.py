@@ -617,6 +617,14 @@ def test_restricted_general_path_keeps_its_part_per_step(tmp_path):
     after = narrow[narrow.component == "proj"].set_index(["layers", "tokens"])["median_s"]
     dropped = (S_w - S_n) * np.interp(8, BATCHES, [per_check(b) for b in BATCHES])
     np.testing.assert_allclose(after, before.loc[after.index] - dropped, rtol=1e-9)
+    # a one-check point above the all-exits one (noise): the restricted point stays at the all-exits one
+    noisy = with_one.copy()
+    first = noisy.index[(noisy.component == "check_eager_one") & (noisy.batch == BATCHES[0])]
+    every_b = with_one.loc[(with_one.component == "check_eager") & (with_one.batch == BATCHES[0]), "median_s"].iloc[0]
+    noisy.loc[first, "median_s"] = every_b * 1.1
+    clamped = restrict_exits(Profile(noisy, meta, ""), SPEC).frame
+    assert clamped.loc[(clamped.component == "check_eager") & (clamped.batch == BATCHES[0]), "median_s"].iloc[0] \
+        == pytest.approx(every_b, rel=1e-12)
     # without the one-check points the whole excess over full depth scales with the checks (the previous behaviour)
     old = restrict_exits(Profile(frame, meta, ""), SPEC).frame
     scaled = old[old.component == "check_eager"].set_index("batch")["median_s"]
