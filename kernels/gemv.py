@@ -312,8 +312,8 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=act == "silu_mul",
                   HAS_RES=r2 is not None, EVEN_K=k % block_k == 0, UPCAST=upcast, GLU=act == "glu", SWAP=swap,
                   PDL=use_pdl, num_warps=warps)
-    key = tuple(consts.items())
-    stages = min(stages, _STAGES_FIT.get(key, stages))
+    if _STAGES_FIT:  # (empty unless the estimate above was ever too high: no key built on the decode path)
+        stages = min(stages, _STAGES_FIT.get(tuple(consts.items()), stages))
     while True:
         try:
             _skinny_kernel[(triton.cdiv(n, block_n),)](
@@ -323,7 +323,7 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
         except OutOfResources:  # the estimate above misses the compiler's own buffers: one stage fewer
             if stages == 1:
                 raise
-            stages = _STAGES_FIT[key] = stages - 1
+            stages = _STAGES_FIT[tuple(consts.items())] = stages - 1
     return y.reshape(*x.shape[:-1], n)
 
 
