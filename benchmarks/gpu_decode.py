@@ -1,4 +1,4 @@
-"""Benchmark: the GPU executor's decode step on the llama2-7b shape (random bf16 weights, replay mode).
+"""Benchmark: the GPU executor's decode step on a preset's shape (llama2-7b unless --model), replay mode.
 
 Sections (each row of the output table names its section):
   full     a decode step at full depth: batch 1 at context 512, batches 8..128 at contexts 512 and 2048
@@ -64,12 +64,12 @@ def tiny_spec() -> ModelSpec:
 
 def tuned_config(path: str, default):
     """``kernels.gemv._config`` with the tiles of a bench_gemv ``--best-out`` file where it has the shape (rows
-    bucketed to the swept 16 / 32 / 64), else ``default``."""
+    bucketed to the swept 1 / 16 / 32 / 64), else ``default``."""
     table = {tuple(int(v) for v in key.split(",")): tuple(cfg) for key, cfg in json.loads(Path(path).read_text()).items()}
 
     def config(m: int, n: int, k: int):
-        bucket = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return table.get((bucket, n, k), default(m, n, k)) if m > 1 else default(m, n, k)
+        bucket = 1 if m == 1 else (16 if m <= 16 else (32 if m <= 32 else 64))
+        return table.get((bucket, n, k), default(m, n, k))
     return config
 
 
@@ -148,6 +148,8 @@ def torch_chain(ex: GPUExecutor, batch: int, warmup: int, repeats: int, graph: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a small shape (runs on CPU)")
+    parser.add_argument("--model", default="llama2-7b", choices=sorted(MODEL_PRESETS),
+                        help="the preset whose shape is timed (random weights; 32-layer presets)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,7 +179,7 @@ def main() -> None:
         spec = tiny_spec()
         batches, contexts, exit_layers, fixed = [1, 4, 8], [64, 256], (2, 4, 6), 64
     else:
-        spec = MODEL_PRESETS["llama2-7b"]
+        spec = MODEL_PRESETS[args.model]
         batches, contexts, exit_layers, fixed = [8, 16, 32, 64, 128], [512, 2048], (8, 16, 24), 512
     if args.batches:
         batches = [int(b) for b in args.batches.split(",")]

@@ -1,6 +1,6 @@
 """Sweep of the skinny-GEMM kernel against cuBLAS (F.linear) on the Llama-2-7B decode shapes (H100).
 
-    PYTHONPATH=$PWD python kernels/bench_gemv.py [--rows 1,4,8,16] [--fused]
+    PYTHONPATH=$PWD python kernels/bench_gemv.py [--rows 1,4,8,16] [--fused] [--model llama3-8b]
 
 Checks every config against the torch reference first, then times each (CUDA-graph replay of 20
 launches, median) and prints per shape and row count: cuBLAS, the default config, the best config.
@@ -24,6 +24,16 @@ from eesim.kernels.gemv import _config, skinny_linear, skinny_linear_ref  # noqa
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "head": (32000, 4096)}
+
+
+def preset_shapes(name: str) -> dict:
+    """The decode products (n, k) of a model preset, as the executor's fused weights have them."""
+    from eesim.model_spec import MODEL_PRESETS
+
+    spec = MODEL_PRESETS[name]
+    d, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return {"qkv": (q + 2 * kv, d), "o": (d, q), "gate_up": (2 * spec.mlp_size, d), "down": (d, spec.mlp_size),
+            "head": (spec.vocab_size, d)}
 
 
 def bench(fn, reps=20):
@@ -56,7 +66,9 @@ def main():
                     "skinny_linear's config lookup sees it: half the rows of a glu weight)")
     ap.add_argument("--fused", action="store_true", help="time what the decode layer runs at m > 1: O and down with "
                     "their residual, gate+up with silu * up in its epilogue (cuBLAS: the same in torch ops)")
+    ap.add_argument("--model", default="", help="a model preset's shapes (default: Llama-2-7B's)")
     args = ap.parse_args()
+    shapes = preset_shapes(args.model) if args.model else SHAPES
     dev = "cuda"
     torch.manual_seed(0)
     c1 = [(bn, bk, w, 1) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) if bn * bk <= 16384]
@@ -80,7 +92,7 @@ def main():
         cm = swap
     best = {}
     for m in [int(r) for r in args.rows.split(",")]:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             # what the decode layer runs at m > 1: residual into O and down, silu(gate) * up in gate+up's epilogue
@@ -114,7 +126,7 @@ def main():
                   f"default {_config(m, n_eff, k)} {t_def * 1e6:6.1f} us {nbytes / t_def / 1e12:4.2f} TB/s | best "
                   + ", ".join(f"{c} {t * 1e6:.1f}us {nbytes / t / 1e12:.2f}" for t, c in res[:3]), flush=True)
         # fused silu_mul + residual (down) vs torch's three ops
-        n, k = SHAPES["down"]
+        n, k = shapes["down"]
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         gu = torch.randn(m, 2 * k, device=dev, dtype=torch.bfloat16)
         r = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
