@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="preset (default: the profile's shape name)")
     ap.add_argument("--iterations", nargs=2, metavar=("CSV", "NPZ"))
     ap.add_argument("--heldout", nargs=2, metavar=("CSV", "NPZ"))
+    ap.add_argument("--no-leave-time", action="store_true",
+                    help="price a pass that ends at an exit without the leave term (ProfileCostModel.leave_time)")
     args = ap.parse_args(argv)
     profile = read_profile(args.profile)
     spec = MODEL_PRESETS[args.model or profile.model.name]
     cost = ProfileCostModel(profile, spec, kv_policy="fill", include_schedule=False)
+    print(f"leave term: {0.0 if cost.leave_time is None else cost.leave_time * 1e3:.3f} ms"
+          + (", set to 0" if args.no_leave_time else ""))
+    if args.no_leave_time:
+        cost.leave_time = None
     if args.iterations:
         report("iterations", pd.read_csv(args.iterations[0]), load_works(args.iterations[1]), cost, "kind")
     if args.heldout:

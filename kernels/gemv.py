@@ -214,8 +214,9 @@ def skinny_linear_ref(x, w, residual=None, act=None):
 
 
 # Tiles measured on the H100 (kernels/bench_gemv.py --fused --rows 16,32,64, 2026-11-23, docs/benchmarks.md) for the
-# Llama-2-7B (and Llama-3-8B) decode products at 16 / 32 / 64 rows: (rows, n, k) -> (BLOCK_N, BLOCK_K, warps, stages, BLOCK_M, SWAP),
-# BLOCK_M 0 for the rows padded to the tile. n is what skinny_linear looks up: half the rows of a glu weight.
+# Llama-2-7B and Llama-3-8B decode products at 16 / 32 / 64 rows: (rows, n, k) -> (BLOCK_N, BLOCK_K, warps, stages,
+# BLOCK_M, SWAP), BLOCK_M 0 for the rows padded to the tile. n is what skinny_linear looks up: half the rows of a glu
+# weight.
 _TUNED = {
     (16, 12288, 4096): (64, 128, 4, 3, 0, True), (16, 4096, 4096): (32, 256, 4, 4),
     (16, 11008, 4096): (32, 256, 4, 4), (16, 4096, 11008): (64, 256, 4, 4, 0, True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -774,3 +775,26 @@ def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv)
             assert m.iteration_time(work)[0] == pytest.approx(want, rel=1e-9)
     full = decode_work(SPEC, 4, 512)
     assert "leave" not in m.breakdown(full) and m.iteration_time(full)[0] == old.iteration_time(full)[0]
+
+
+def test_rescore_without_the_leave_term(capsys):
+    """cost_model_rescore.py --no-leave-time prices the saved held-out work of the llama3-8b run without the
+    term for a pass that ends at an exit: every partial-depth point is priced lower by that term, the rest as is."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cost_model_rescore", root / "benchmarks" / "cost_model_rescore.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = root / "docs" / "data"
+    args = ["--profile", str(data / "cost_model_llama3-8b_profile_2026-11-23.parquet"), "--heldout",
+            str(data / "cost_model_heldout_llama3-8b_2026-11-23.csv"),
+            str(data / "cost_model_heldout_work_llama3-8b_2026-11-23.npz")]
+    signed = {}
+    for flag in ([], ["--no-leave-time"]):
+        assert mod.main(args + flag) == 0
+        out = capsys.readouterr().out
+        assert ("set to 0" in out) == bool(flag)
+        line = next(x for x in out.splitlines() if x.startswith("held-out all:"))
+        signed[bool(flag)] = float(line.split("mean signed")[1].strip().rstrip("%"))
+    assert signed[True] < signed[False]
