@@ -154,6 +154,19 @@ def test_paged_attention_matches_ref(dtype, num_heads, num_kv_heads, head_dim, s
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_n,warps,split", [(16, 2, False), (32, 8, True), (64, 4, True), (16, None, True)])
+def test_paged_attention_tile_overrides(dtype, block_n, warps, split):
+    """Other key tiles and warp counts (what kernels/bench_attention.py sweeps): the same attention."""
+    q, kc, vc, bt, ctx = paged_setup(CONTEXTS + [130], 8, 2, 64, dtype, seed=5)
+    out = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=64, split=split, backend="triton",
+                                 block_n=block_n, num_warps=warps)
+    torch.testing.assert_close(out.float(), paged_decode_attention_ref(q, kc, vc, bt, ctx).float(), **TOL[dtype])
+    with pytest.raises(ValueError, match="block_n"):
+        paged_decode_attention(q, kc, vc, bt, ctx, partition_size=48, split=True, backend="triton", block_n=32)
+
+
+@needs_triton
 def test_paged_attention_split_equals_nonsplit_and_auto():
     q, kc, vc, bt, ctx = paged_setup([70, 3, 129], 6, 2, 64, torch.float32, seed=3)
     whole = paged_decode_attention(q, kc, vc, bt, ctx, split=False, backend="triton")
