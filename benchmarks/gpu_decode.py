@@ -148,8 +148,10 @@ def torch_chain(ex: GPUExecutor, batch: int, warmup: int, repeats: int, graph: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a small shape (runs on CPU)")
-    parser.add_argument("--model", default="llama2-7b", choices=sorted(MODEL_PRESETS),
-                        help="the preset whose shape is timed (random weights; 32-layer presets)")
+    parser.add_argument("--model", default="llama2-7b",
+                        choices=sorted(k for k, v in MODEL_PRESETS.items() if v.num_layers == 32),
+                        help="the preset whose shape is timed (random weights; the sections' exits 8/16/24 need "
+                             "32 layers)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +169,8 @@ def main() -> None:
                              "row limit for the skinny GEMM (cuBLAS above it); a value ending in t also takes the "
                              "tile configurations of --gemv-configs; default: the executor's own")
     parser.add_argument("--gemv-configs", default="", help="JSON from kernels/bench_gemv.py --best-out: the best "
-                        "configuration per (rows 16/32/64, n, k), for the --skinny-rows values ending in t")
+                        "configuration per (rows 1/16/32/64, n, k), for the --skinny-rows values ending in t (its "
+                        "1-row entries too, where it has them)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     t_begin = time.perf_counter()

@@ -221,12 +221,14 @@ _TUNED = {
     (16, 12288, 4096): (64, 128, 4, 3, 0, True), (16, 4096, 4096): (32, 256, 4, 4),
     (16, 11008, 4096): (32, 256, 4, 4), (16, 4096, 11008): (64, 256, 4, 4, 0, True),
     (16, 32000, 4096): (64, 128, 4, 4, 0, True),
-    (32, 12288, 4096): (64, 128, 4, 3, 0, True), (32, 4096, 4096): (32, 128, 4, 4),
+    (32, 12288, 4096): (64, 128, 4, 3, 0, True), (32, 4096, 4096): (64, 128, 4, 4, 0, True),
     (32, 11008, 4096): (64, 128, 4, 4, 0, True), (32, 4096, 11008): (32, 256, 4, 4),
     (32, 32000, 4096): (128, 128, 4, 3, 0, True),
     (64, 12288, 4096): (128, 128, 4, 3), (64, 4096, 4096): (32, 128, 4, 4),
     (64, 11008, 4096): (128, 64, 4, 4, 0, True), (64, 4096, 11008): (32, 128, 4, 4),
     (64, 32000, 4096): (128, 128, 4, 3),
+    # (32, 4096, 4096), the O projection of both models: SWAP from the Llama-3-8B sweep; whole steps at 24-32 rows
+    # 1.5-5.8% faster on Llama-2-7B than with that model's own sweep's tile (gpu_decode.py A/B, docs/benchmarks.md).
     # Llama-3-8B (bench_gemv.py --model llama3-8b, 2026-11-23; its O projection is Llama-2-7B's shape, above).
     # At one row the sweep's winners tied the rules alone and ran whole steps 3% slower: the rules stay there.
     (16, 6144, 4096): (64, 256, 4, 4, 0, True), (16, 14336, 4096): (64, 128, 4, 4, 0, True),

@@ -7,6 +7,7 @@ Cache layer layout: ``(num_blocks, block_size, num_kv_heads, head_dim)``; token 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -140,6 +141,54 @@ def _split_reduce_kernel(
              mask=mask_d)
 
 
+class Tiles(NamedTuple):
+    partition: int  # keys per program (the whole bound, rounded to 16, when not split)
+    parts: int  # partitions per row
+    split: bool
+    block_n: int  # keys per step
+    warps: int
+
+
+def decode_tiles(batch: int, num_kv_heads: int, ctx_bound: int, sms: int, partition_size: int | None = None,
+                 split: bool | None = None, block_n: int | None = None, num_warps: int | None = None) -> Tiles:
+    """How ``paged_decode_attention`` lays out a launch (its arguments of the same names override each choice).
+
+    Rules from kernels/bench_attention.py (the H100, 2026-11-23: 26 batch x context x KV-head shapes, each a chain
+    of 32 calls in one graph; the rules' sum 2,838 us against 2,886 for the previous ones and 2,785 for the best
+    configuration of each shape, docs/benchmarks.md):
+    - split-K when ``batch * num_kv_heads`` gives fewer than two programs per SM (at batch 8 x 512 with 32 KV
+      heads a split into 256-key partitions took 28.5 us a layer against 30.1 unsplit), or when the bound
+      exceeds ``BALANCE_ABOVE`` (so that a long row does not hold up a batch of mixed contexts);
+    - the partition halved from 512 keys down to 32 until about two programs per SM run (without a split, at
+      batch 1 x 512 one program walks each row: ~19 us per layer for 8 MB);
+    - 64 keys per step where the partition allows (enough bytes in flight per program to hide HBM latency while
+      the score tile and two K/V tiles still fit in registers);
+    - 2 warps above 64-key partitions and unsplit, 4 at 32-64 keys (2 warps took 1-4% off most of the long
+      cases and cost at 32-64 keys; not all: 1 x 2048 at 512 keys ran 12% slower on 2, a partition the rules
+      do not pick there).
+    """
+    if partition_size is None:
+        psize = DEFAULT_PARTITION
+        while psize > 32 and batch * num_kv_heads * triton.cdiv(ctx_bound, psize) < 2 * sms:
+            psize //= 2
+    else:
+        psize = int(partition_size)
+    if psize <= 0 or psize % 16:
+        raise ValueError("partition_size must be a positive multiple of 16")
+    n_parts = triton.cdiv(ctx_bound, psize)
+    if split is None:
+        split = n_parts > 1 and (batch * num_kv_heads < 2 * sms
+                                 or (BALANCE_ABOVE is not None and ctx_bound > BALANCE_ABOVE))
+    if not split:
+        psize, n_parts = triton.cdiv(ctx_bound, 16) * 16, 1
+    tile = 64 if psize % 64 == 0 else (32 if psize % 32 == 0 else 16)
+    if block_n is not None:  # any of these: the kernel masks the keys past its partition
+        if block_n not in (16, 32, 64, 128):
+            raise ValueError("block_n must be 16, 32, 64 or 128")
+        tile = block_n
+    return Tiles(psize, n_parts, bool(split), tile, int(num_warps or (4 if psize <= 64 else 2)))
+
+
 def paged_decode_attention_ref(q, k_cache_layer, v_cache_layer, block_tables, context_lens,
                                scale=None):
     """Plain torch: gather each sequence's K/V, softmax in fp32. Empty context -> zeros."""
@@ -166,14 +215,11 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
                            backend=None, block_n=None, num_warps=None):
     """Decode attention for ``q (batch, num_heads, head_dim)``; returns the same shape and dtype.
 
-    ``split=None`` picks split-K (flash-decoding) when the context bound spans more than one
-    partition and either ``batch * num_kv_heads`` alone would not give two programs per SM or the bound exceeds
-    ``BALANCE_ABOVE`` (so that a long row does not hold up the batch). The context bound is
-    ``block_tables.shape[1] * block_size`` (no device sync), so trim block_tables to the batch's
-    longest sequence. ``partition_size`` (a multiple of 16; by default 512, halved down to 32 while
-    fewer than two programs per SM would run) sets the split length.
-    ``out`` (optional, same shape/dtype as q) receives the result. ``block_n`` (keys per step) and
-    ``num_warps`` override the tile choice (kernels/bench_attention.py sweeps them).
+    The launch's layout (split-K or not, partition, keys per step, warps) is ``decode_tiles``'s, from the
+    context bound ``block_tables.shape[1] * block_size`` (no device sync: trim block_tables to the batch's
+    longest sequence); ``partition_size`` (a multiple of 16), ``split``, ``block_n`` (keys per step: 16, 32,
+    64 or 128) and ``num_warps`` override its choices. ``out`` (optional, same shape/dtype as q) receives the
+    result.
     """
     batch = q.shape[0]
     num_heads, head_dim, block_size, num_kv_heads = check_paged_attention(q, k_cache_layer, v_cache_layer)
@@ -189,45 +235,17 @@ def paged_decode_attention(q, k_cache_layer, v_cache_layer, block_tables, contex
     assert k_cache_layer.stride(-1) == 1 and v_cache_layer.stride(-1) == 1
 
     ctx_bound = max(1, block_tables.shape[1] * block_size)
-    sms = num_sms(q.device)
-    if partition_size is None:
-        # Small batches: batch * kv_heads programs leave most SMs idle and each walks its whole
-        # context serially (latency bound: ~19 us per layer at batch 1, ctx 512 on an H100 for 8 MB).
-        # Halve the partition (down to 32 keys, one BLOCK_N step) until ~2 programs per SM.
-        psize = DEFAULT_PARTITION
-        while psize > 32 and batch * num_kv_heads * triton.cdiv(ctx_bound, psize) < 2 * sms:
-            psize //= 2
-    else:
-        psize = int(partition_size)
-    if psize <= 0 or psize % 16:
-        raise ValueError("partition_size must be a positive multiple of 16")
-    n_parts = triton.cdiv(ctx_bound, psize)
-    if split is None:
-        # (kernels/bench_attention.py, H100: at 1-2 programs per SM without it, batch 8 x 512 with 32 KV heads,
-        # a split into 256-key partitions takes 28.5 us a layer against 30.1 unsplit)
-        split = n_parts > 1 and (batch * num_kv_heads < 2 * sms
-                                 or (BALANCE_ABOVE is not None and ctx_bound > BALANCE_ABOVE))
-    if not split:
-        psize, n_parts = triton.cdiv(ctx_bound, 16) * 16, 1
-
+    tiles = decode_tiles(batch, num_kv_heads, ctx_bound, num_sms(q.device), partition_size, split, block_n, num_warps)
+    psize, n_parts, split, BLOCK_N = tiles.partition, tiles.parts, tiles.split, tiles.block_n
     BLOCK_G = max(16, next_pow2(group))
     BLOCK_D = next_pow2(head_dim)
-    # 64 keys per step: enough bytes in flight per program to hide HBM latency while the
-    # (BLOCK_G x BLOCK_N) score tile and two K/V tiles still fit comfortably in registers. Warps: 2 for the
-    # long partitions, 4 for the 32-64-key ones (the sweep of kernels/bench_attention.py on the H100, 2026-11-23:
-    # 2 warps took 1-4% off every unsplit or 128-512-key case, and cost at 32-64 keys).
-    BLOCK_N = 64 if psize % 64 == 0 else (32 if psize % 32 == 0 else 16)
-    if block_n is not None:
-        if block_n not in (16, 32, 64, 128) or psize % block_n:
-            raise ValueError("block_n must be 16, 32, 64 or 128 and divide the partition")
-        BLOCK_N = block_n
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     use_pdl = pdl(q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, PAGE=block_size, BLOCK_G=BLOCK_G,
                   BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee_dot(q.dtype), PDL=use_pdl,
-                  num_warps=int(num_warps or (4 if psize <= 64 else 2)), **pdl_launch(use_pdl))
+                  num_warps=tiles.warps, **pdl_launch(use_pdl))
     kc, vc = k_cache_layer, v_cache_layer
     kv_strides = (kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2))
     scale_log2 = scale * 1.4426950408889634  # softmax via exp2

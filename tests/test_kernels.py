@@ -162,8 +162,30 @@ def test_paged_attention_tile_overrides(dtype, block_n, warps, split):
     out = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=64, split=split, backend="triton",
                                  block_n=block_n, num_warps=warps)
     torch.testing.assert_close(out.float(), paged_decode_attention_ref(q, kc, vc, bt, ctx).float(), **TOL[dtype])
+    # a key tile that does not divide the partition: the keys past it are masked
+    odd = paged_decode_attention(q, kc, vc, bt, ctx, partition_size=48, split=True, backend="triton", block_n=32)
+    torch.testing.assert_close(odd.float(), paged_decode_attention_ref(q, kc, vc, bt, ctx).float(), **TOL[dtype])
     with pytest.raises(ValueError, match="block_n"):
-        paged_decode_attention(q, kc, vc, bt, ctx, partition_size=48, split=True, backend="triton", block_n=32)
+        paged_decode_attention(q, kc, vc, bt, ctx, partition_size=48, split=True, backend="triton", block_n=24)
+
+
+@pytest.mark.parametrize("batch,kv_heads,bound,want", [
+    (1, 32, 512, (32, 16, True, 32, 4)),  # batch 1: partitions down to 32 keys
+    (1, 32, 2048, (128, 16, True, 64, 2)),
+    (8, 32, 512, (256, 2, True, 64, 2)),  # 256 programs unsplit, fewer than two per SM: split
+    (16, 32, 512, (512, 1, False, 64, 2)),  # enough programs: one per row and KV head, 2 warps
+    (16, 32, 2048, (512, 4, True, 64, 2)),  # above BALANCE_ABOVE: split for mixed contexts
+    (64, 8, 40, (48, 1, False, 16, 4)),  # a short bound: one program per row, 16 keys a step
+])
+def test_decode_attention_tiles(batch, kv_heads, bound, want):
+    """The launch layout the rules pick (on a 132-SM H100), and the overrides."""
+    from eesim.kernels.paged_attention import decode_tiles
+
+    assert tuple(decode_tiles(batch, kv_heads, bound, 132)) == want
+    forced = decode_tiles(batch, kv_heads, bound, 132, partition_size=64, split=True, block_n=128, num_warps=8)
+    assert tuple(forced) == (64, -(-bound // 64), True, 128, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        decode_tiles(batch, kv_heads, bound, 132, partition_size=40)
 
 
 @needs_triton

@@ -779,7 +779,7 @@ def test_a_step_whose_rows_all_leave_pays_the_measured_leave_point(tmp_path, kv)
 
 def test_rescore_without_the_leave_term(capsys):
     """cost_model_rescore.py --no-leave-time prices the saved held-out work of the llama3-8b run without the
-    term for a pass that ends at an exit: every partial-depth point is priced lower by that term, the rest as is."""
+    term for a pass that ends at an exit: the held-out points' mean signed error falls (the term is positive)."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
