@@ -68,8 +68,7 @@ def tuned_config(path: str, default):
     table = {tuple(int(v) for v in key.split(",")): tuple(cfg) for key, cfg in json.loads(Path(path).read_text()).items()}
 
     def config(m: int, n: int, k: int):
-        bucket = 1 if m == 1 else (16 if m <= 16 else (32 if m <= 32 else 64))
-        return table.get((bucket, n, k), default(m, n, k))
+        return table.get((gemv.tile_rows(m), n, k), default(m, n, k))
     return config
 
 

@@ -39,8 +39,8 @@ from eesim.model_spec import ModelSpec
 
 FORMAT = 1
 META_KEY = b"eesim_profile"
-COMPONENTS = ("decode", "check", "check_eager", "check_eager_one", "fill", "prefill", "mixed", "proj", "recompute", "schedule", "fixed",
-              "bookkeeping", "leave", "leave_owing_proj", "leave_owing_recompute")
+COMPONENTS = ("decode", "check", "check_eager", "check_eager_one", "fill", "prefill", "mixed", "proj", "recompute",
+              "schedule", "fixed", "bookkeeping", "leave", "leave_owing_proj", "leave_owing_recompute")
 COORDS = ("layers", "batch", "context", "tokens", "checks")
 COLUMNS = ("component", *COORDS, "median_s", "p25_s", "p75_s", "repeats")
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_size", "vocab_size",

@@ -221,14 +221,14 @@ _TUNED = {
     (16, 12288, 4096): (64, 128, 4, 3, 0, True), (16, 4096, 4096): (32, 256, 4, 4),
     (16, 11008, 4096): (32, 256, 4, 4), (16, 4096, 11008): (64, 256, 4, 4, 0, True),
     (16, 32000, 4096): (64, 128, 4, 4, 0, True),
+    # (32, 4096, 4096), the O projection of both models: SWAP from the Llama-3-8B sweep; whole steps at 24-32 rows
+    # 1.5-5.8% faster on Llama-2-7B than with that model's own sweep's tile (gpu_decode.py A/B, docs/benchmarks.md)
     (32, 12288, 4096): (64, 128, 4, 3, 0, True), (32, 4096, 4096): (64, 128, 4, 4, 0, True),
     (32, 11008, 4096): (64, 128, 4, 4, 0, True), (32, 4096, 11008): (32, 256, 4, 4),
     (32, 32000, 4096): (128, 128, 4, 3, 0, True),
     (64, 12288, 4096): (128, 128, 4, 3), (64, 4096, 4096): (32, 128, 4, 4),
     (64, 11008, 4096): (128, 64, 4, 4, 0, True), (64, 4096, 11008): (32, 128, 4, 4),
     (64, 32000, 4096): (128, 128, 4, 3),
-    # (32, 4096, 4096), the O projection of both models: SWAP from the Llama-3-8B sweep; whole steps at 24-32 rows
-    # 1.5-5.8% faster on Llama-2-7B than with that model's own sweep's tile (gpu_decode.py A/B, docs/benchmarks.md).
     # Llama-3-8B (bench_gemv.py --model llama3-8b, 2026-11-23; its O projection is Llama-2-7B's shape, above).
     # At one row the sweep's winners tied the rules alone and ran whole steps 3% slower: the rules stay there.
     (16, 6144, 4096): (64, 256, 4, 4, 0, True), (16, 14336, 4096): (64, 128, 4, 4, 0, True),
@@ -240,6 +240,12 @@ _TUNED = {
 }
 
 
+def tile_rows(m: int) -> int:
+    """The rows ``m`` rows of x run as: 1 (the elementwise path), else one tl.dot tile of 16, 32 or 64; also the
+    row bucket of the tile table."""
+    return 1 if m == 1 else max(16, next_pow2(m))
+
+
 def _config(m: int, n: int, k: int) -> tuple:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M[, SWAP]]) (BLOCK_M 0 or absent: the rows padded to 1,
     16, 32 or 64; SWAP absent: False): the measured tiles for the Llama-2-7B and Llama-3-8B shapes at 2-64 rows,
@@ -248,7 +254,7 @@ def _config(m: int, n: int, k: int) -> tuple:
         if k > 8192:
             return 8, 1024, 4, 1
         return (4, 1024, 4, 1) if n >= 8192 else (8, 512, 4, 1)
-    tuned = _TUNED.get((max(16, next_pow2(m)), n, k))
+    tuned = _TUNED.get((tile_rows(m), n, k))
     if tuned is not None:
         return tuned
     if m > 16:  # tl.dot path, 32 or 64 rows: the weight rows as the MMA's large side
@@ -305,8 +311,7 @@ def skinny_linear(x, w, residual=None, act=None, *, out=None, config=None, backe
     cfg = tuple(config or _config(m, n, k))
     block_n, block_k, warps, stages = cfg[:4]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
-    # rows padded to one tl.dot tile (a 5th entry 16 forces tl.dot at m=1)
-    block_m = 1 if m == 1 else max(16, next_pow2(m))
+    block_m = tile_rows(m)  # (a 5th entry 16 forces tl.dot at m=1)
     if len(cfg) > 4 and cfg[4]:  # never fewer rows than x has: rows past the tile would be left unwritten
         block_m = max(int(cfg[4]), block_m)
     swap = block_m > 1 and len(cfg) > 5 and bool(cfg[5])
