@@ -72,12 +72,16 @@ def tuned_config(path: str, default):
     return config
 
 
-def decode_plan(ex: GPUExecutor, batch: int, ctx: int):
+def decode_plan(ex: GPUExecutor, batch: int, ctx: int, spread: float = 0.0):
     """A scheduler holding ``batch`` sequences whose first ctx-1 positions are cached (full depth), and
-    its plan for the next decode step (position ctx-1 of each). The cache content is left as is."""
+    its plan for the next decode step (position ctx-1 of each). The cache content is left as is. ``spread``:
+    the blocks drawn at random from that leading share of the pool (``BlockAllocator.scatter``), else
+    consecutive."""
     spec = ex.spec
     sched = Scheduler(SchedulerConfig(max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch, 16),
                                       block_size=ex.block_size), spec, ex.policy, ex.num_blocks)
+    if spread:
+        sched.allocator.scatter(spread)
     for i in range(batch):
         seq = Sequence(Request(i, 0.0, ctx - 1, 1 << 20))
         seq.num_computed, seq.num_generated = ctx - 1, 1

@@ -5,6 +5,9 @@ synthetic plans written by a real ``Scheduler`` holding sequences at chosen cont
 ``execute`` with CUDA events (``perf_counter`` on the CPU, where the timings mean nothing): warm-up
 runs first, then ``repeats`` timed runs; median and quartiles go to the profile (profile_data.py).
 
+The states' KV blocks are drawn at random from the pool (``ProfileGrid.block_spread``), as a serving pool that
+has seen sequences come and go hands them out, not consecutive from block 0.
+
 Components (coordinates in brackets; policy fill unless said; every decode row may exit):
   decode     [layers, batch, context]  a decode step of ``batch`` rows at ``context`` positions on average
              (spread evenly over context x (1 -/+ ``decode_spread``), as served batches mix contexts;
@@ -90,6 +93,10 @@ class ProfileGrid:
     # batches mix contexts, and a mixed batch runs slower than a uniform one of the same mean: up to 10%,
     # benchmarks/decode_mix.py); 0: every row at the point's context
     decode_spread: float = 0.75
+    # the states' KV blocks drawn in a random order from this leading share of the pool, as a pool that has
+    # served for a while hands them out (0: consecutive blocks from block 0, as profiles before 2026-11-23
+    # evening). Decode steps over scattered blocks ran 0.6-1.7% slower on the H100 (benchmarks/kv_scatter.py)
+    block_spread: float = 1.0
     # points whose step waits on the host mid-pass (exit checks, forced exits, owed rows beside the checks)
     # can be measured in several rounds over the sweep, their timings pooled (such a point's time moves with
     # the host for seconds at a time). Off by default: on the H100 (2026-11-23, docs/fidelity.md, sixth
@@ -167,6 +174,8 @@ class Profiler:
         rows = len(decode_contexts) + (prefill[1] if prefill else 0)
         sched = Scheduler(SchedulerConfig(max_num_seqs=len(decode_contexts) + 1, max_num_batched_tokens=max(rows, 1),
                                           block_size=ex.block_size), spec, ex.policy, ex.num_blocks)
+        if self.grid.block_spread > 0:
+            sched.allocator.scatter(self.grid.block_spread)
         for i, ctx in enumerate(decode_contexts):
             seq = Sequence(Request(i, 0.0, ctx - 1, 1 << 20))
             seq.num_computed, seq.num_generated = ctx - 1, 1

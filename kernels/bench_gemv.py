@@ -37,15 +37,20 @@ def preset_shapes(name: str) -> dict:
 
 
 def bench(fn, reps=20):
+    """Seconds per call of ``fn`` (a CUDA graph of ``reps`` calls, median of 7 replays); ``fn`` may take the
+    call's index (to cycle through weight copies)."""
+    if fn.__code__.co_argcount == 0:
+        one = fn
+        fn = lambda i: one()  # noqa: E731
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
+        fn(0)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fn(i)
     ts = []
     for _ in range(7):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,6 +72,9 @@ def main():
     ap.add_argument("--fused", action="store_true", help="time what the decode layer runs at m > 1: O and down with "
                     "their residual, gate+up with silu * up in its epilogue (cuBLAS: the same in torch ops)")
     ap.add_argument("--model", default="", help="a model preset's shapes (default: Llama-2-7B's)")
+    ap.add_argument("--copies", type=int, default=1, help="distinct weight copies the timed calls cycle through "
+                    "(1: one weight replayed, which stays in L2 when it fits; 4 keeps every Llama product out of it)")
+    ap.add_argument("--shapes", default="", help="comma list of products to time (default: all)")
     args = ap.parse_args()
     shapes = preset_shapes(args.model) if args.model else SHAPES
     dev = "cuda"
@@ -93,19 +101,23 @@ def main():
     best = {}
     for m in [int(r) for r in args.rows.split(",")]:
         for name, (n, k) in shapes.items():
-            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+            if args.shapes and name not in args.shapes.split(","):
+                continue
+            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(max(1, args.copies))]
+            w = ws[0]
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             # what the decode layer runs at m > 1: residual into O and down, silu(gate) * up in gate+up's epilogue
             act = "glu" if (args.fused and m > 1 and name == "gate_up") else None
             r = torch.randn(m, n, device=dev, dtype=torch.bfloat16) if (args.fused and name in ("o", "down")) else None
             ref = skinny_linear_ref(x, w, r, act)
             h = n // 2
+            nw = len(ws)
             if act == "glu":
-                cublas = lambda: (lambda y: F.silu(y[:, :h]) * y[:, h:])(F.linear(x, w))  # noqa: E731
+                cublas = lambda i: (lambda y: F.silu(y[:, :h]) * y[:, h:])(F.linear(x, ws[i % nw]))  # noqa: E731
             elif r is not None:
-                cublas = lambda: r + F.linear(x, w)  # noqa: E731
+                cublas = lambda i: r + F.linear(x, ws[i % nw])  # noqa: E731
             else:
-                cublas = lambda: F.linear(x, w)  # noqa: E731
+                cublas = lambda i: F.linear(x, ws[i % nw])  # noqa: E731
             t_cub = bench(cublas)
             nbytes = n * k * 2
             res = []
@@ -116,9 +128,9 @@ def main():
                 if err > 0.01 * ref.float().abs().max().item() + 0.01:  # bf16 rounding of the largest outputs
                     print(f"  {name} m={m} cfg {cfg}: WRONG err {err}")
                     continue
-                res.append((bench(lambda: skinny_linear(x, w, r, act, config=cfg)), cfg))
+                res.append((bench(lambda i: skinny_linear(x, ws[i % nw], r, act, config=cfg)), cfg))
             res.sort()
-            t_def = bench(lambda: skinny_linear(x, w, r, act))
+            t_def = bench(lambda i: skinny_linear(x, ws[i % nw], r, act))
             if res:
                 best[f"{m},{n_eff},{k}"] = list(res[0][1])
             label = name + ("+glu" if act else "+res" if r is not None else "")

@@ -176,3 +176,26 @@ def test_preemption_happens_and_everything_finishes():
     assert not scheduler.has_work
     assert scheduler.num_preemptions > 0
     assert all(s.num_generated == 8 for s in seqs)
+
+
+def test_allocator_scatter_hands_out_the_leading_share_in_a_random_order():
+    import pytest
+
+    from eesim.block_allocator import BlockAllocator
+    from eesim.errors import EesimError
+
+    def scattered():
+        a = BlockAllocator(100, 16)
+        a.allocate(9, 2)  # blocks 0 and 1 already taken: scatter reorders only the free ones
+        a.scatter(0.3, seed=1)
+        return a
+
+    a = scattered()
+    first = a.allocate(0, 28)
+    assert sorted(first) == list(range(2, 30)) and first != sorted(first)
+    assert a.allocate(1, 5) == [30, 31, 32, 33, 34]  # then the rest of the pool, in the usual order
+    assert scattered().allocate(0, 28) == first  # deterministic for a seed
+    a.free(0, first)
+    assert a.num_free == 100 - 2 - 5 and set(a.owners().values()) == {1, 9}
+    with pytest.raises(EesimError, match="scatter share"):
+        a.scatter(0.0)
