@@ -2,7 +2,8 @@
 
 The profiler's states used to hold consecutive blocks from block 0; a serving pool hands out whatever blocks
 finished sequences gave back, so a served batch's blocks lie scattered over the part of the pool in use. This
-times full-depth decode steps (CUDA graphs, Llama-2-7B shape, random weights, a KV pool filling the GPU) with
+times full-depth decode steps (CUDA graphs, Llama-2-7B shape, random weights; the profiler's executor, its KV
+pool filling the GPU) with
 blocks consecutive (share 0) or drawn at random from the pool's leading share (``BlockAllocator.scatter``),
 the shares alternating in rotated order, several rounds.
 
@@ -23,10 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_decode import decode_plan, time_steps  # noqa: E402
-from eesim.exit_trace import synthesize_exit_trace  # noqa: E402
-from eesim.gpu.executor import GPUExecutor  # noqa: E402
-from eesim.gpu.weights import build_random_model  # noqa: E402
 from eesim.model_spec import MODEL_PRESETS  # noqa: E402
+from eesim.profiler import ProfileGrid, build_executor  # noqa: E402
 
 SHAPES = [(1, 128), (1, 512), (1, 2048), (2, 512), (4, 1024), (8, 512), (8, 2048), (32, 512), (32, 2048)]
 
@@ -38,18 +37,10 @@ def main() -> None:
     ap.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left beside the KV pool")
     args = ap.parse_args()
     shares = [float(v) for v in args.shares.split(",")]
-    spec = MODEL_PRESETS["llama2-7b"]  # (bf16)
-    dev = torch.device("cuda")
-    model = build_random_model(spec, dev, torch.bfloat16, seed=0)
-    torch.cuda.synchronize()
-    free, _ = torch.cuda.mem_get_info()
-    num_blocks = int((free - args.headroom_gb * 1e9) // (16 * spec.kv_bytes_per_token))
-    trace = synthesize_exit_trace(spec.num_layers, spec.all_exits, 64, seed=0)
-    ex = GPUExecutor(model, spec, "full", "fill", "max_prob", 0.9, mode="replay", trace=trace, device=dev,
-                     dtype=torch.bfloat16, num_blocks=num_blocks, block_size=16, cuda_graphs=True)
-    with torch.no_grad():
-        ex.k_cache.normal_(0, 1)
-        ex.v_cache.normal_(0, 1)
+    # the profiler's own executor, its KV pool as large as memory allows (max_positions past any GPU's)
+    _, ex = build_executor(MODEL_PRESETS["llama2-7b"], None, "cuda", torch.bfloat16, ProfileGrid(), args.headroom_gb,
+                           max_positions=1 << 40)
+    dev, num_blocks = ex.device, ex.num_blocks
     print(f"{torch.cuda.get_device_name(dev)}; KV pool {num_blocks} blocks "
           f"({2 * ex.k_cache.numel() * ex.k_cache.element_size() / 1e9:.1f} GB)", flush=True)
     times: dict = {}

@@ -36,8 +36,8 @@ class BlockAllocator:
     def scatter(self, share: float, seed: int = 0) -> None:
         """Hand out the free blocks among the pool's leading ``share`` first, in a random order (``seed``): the
         blocks of a pool that has served for a while, where sequences came and went, instead of consecutive
-        ones. (The profiler's states use it: a decode step over scattered blocks runs ~1% slower on the H100,
-        docs/benchmarks.md.)"""
+        ones. (The profiler's states use it: on the H100 a batch-1 decode step over scattered blocks ran 1-2.5%
+        slower, larger batches 0-1.7%, docs/benchmarks.md.)"""
         require(0.0 < share <= 1.0, f"allocator: scatter share must be in (0, 1], got {share}")
         cut = max(1, int(round(share * self.num_blocks)))
         free = np.asarray(self._free, dtype=np.int64)

@@ -94,8 +94,9 @@ class ProfileGrid:
     # benchmarks/decode_mix.py); 0: every row at the point's context
     decode_spread: float = 0.75
     # the states' KV blocks drawn in a random order from this leading share of the pool, as a pool that has
-    # served for a while hands them out (0: consecutive blocks from block 0, as profiles before 2026-11-23
-    # evening). Decode steps over scattered blocks ran 0.6-1.7% slower on the H100 (benchmarks/kv_scatter.py)
+    # served for a while hands them out (0: consecutive blocks from block 0, as profiles before the third session
+    # of 2026-11-23). On the H100 decode steps over scattered blocks ran 1-2.5% slower at batch 1, 0-1.7% at
+    # 2-32 rows, in two runs (benchmarks/kv_scatter.py, docs/benchmarks.md)
     block_spread: float = 1.0
     # points whose step waits on the host mid-pass (exit checks, forced exits, owed rows beside the checks)
     # can be measured in several rounds over the sweep, their timings pooled (such a point's time moves with

@@ -34,7 +34,7 @@ CACHE_BYTES = 150e6  # the layers' K/V together: three times the H100's 50 MB L2
 
 def chain_time(fn, q0, layers: int) -> float:
     """Seconds per call of ``fn`` in a graph of CALLS calls, each fed the previous output."""
-    def chain():
+    def chain(_call):
         q = q0
         for i in range(CALLS):
             q = fn(i % layers, q)

@@ -37,11 +37,8 @@ def preset_shapes(name: str) -> dict:
 
 
 def bench(fn, reps=20):
-    """Seconds per call of ``fn`` (a CUDA graph of ``reps`` calls, median of 7 replays); ``fn`` may take the
-    call's index (to cycle through weight copies)."""
-    if fn.__code__.co_argcount == 0:
-        one = fn
-        fn = lambda i: one()  # noqa: E731
+    """Seconds per call of ``fn(i)`` (a CUDA graph of ``reps`` calls, ``i`` the call's index, e.g. to cycle
+    through weight copies; median of 7 replays)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -93,8 +90,8 @@ def main():
     cr, ir = max_prob_argmax_ref(lg)
     print(f"max_prob_argmax vs ref: conf err {(c - cr).abs().max().item():.2e}, argmax equal {torch.equal(i, ir)}")
     lg1 = lg[:1]
-    t_k = bench(lambda: max_prob_argmax(lg1))
-    t_r = bench(lambda: (torch.softmax(lg1.float(), -1).amax(-1), lg1.argmax(-1)))
+    t_k = bench(lambda i: max_prob_argmax(lg1))
+    t_r = bench(lambda i: (torch.softmax(lg1.float(), -1).amax(-1), lg1.argmax(-1)))
     print(f"max_prob_argmax B=1: kernel {t_k * 1e6:.1f} us, torch {t_r * 1e6:.1f} us")
     if args.cm == "short":
         cm = swap
@@ -143,8 +140,8 @@ def main():
         gu = torch.randn(m, 2 * k, device=dev, dtype=torch.bfloat16)
         r = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
         err = (skinny_linear(gu, w, r, "silu_mul").float() - skinny_linear_ref(gu, w, r, "silu_mul").float()).abs().max()
-        t_f = bench(lambda: skinny_linear(gu, w, r, "silu_mul"))
-        t_t = bench(lambda: r + F.linear(F.silu(gu[:, :k]) * gu[:, k:], w))
+        t_f = bench(lambda i: skinny_linear(gu, w, r, "silu_mul"))
+        t_t = bench(lambda i: r + F.linear(F.silu(gu[:, :k]) * gu[:, k:], w))
         print(f"m={m:2d} down+silu_mul+residual: fused {t_f * 1e6:.1f} us (err {err:.3f}), torch {t_t * 1e6:.1f} us")
         if args.best_out:  # after every row count, so that a run cut short keeps what it measured
             Path(args.best_out).write_text(json.dumps(best, indent=1))
