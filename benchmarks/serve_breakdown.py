@@ -6,8 +6,8 @@ fidelity matrix (same configuration, workload and warm-up as ``validate``) with 
 on the host clock: ``Scheduler.schedule``, ``GPUExecutor.execute`` (wall, and its own CUDA-event
 ``elapsed``), ``Scheduler.update`` and the iteration log's ``record``. Each iteration's work is priced by
 the profile's cost model, component by component (``ProfileCostModel.breakdown``). Writes one row per
-iteration to ``--out`` (parquet) and prints the means by kind of iteration (prompt chunk or not, rows
-leaving or not, host syncs).
+iteration to ``--out`` (parquet) and prints the means by kind of iteration (fidelity_steps.py's kinds: stay, leave,
+owing and running owed rows or none, prompt chunk) and host syncs.
 
 Usage:  PYTHONPATH=$PWD python benchmarks/serve_breakdown.py --profile P --pair all_confident+fill --rate 3
 """
@@ -20,13 +20,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity_matrix import matrix_config, matrix_workload  # noqa: E402
+from fidelity_steps import step_kinds  # noqa: E402
 
 from eesim.cost_choice import resolve_cost_model  # noqa: E402
 from eesim.metrics import IterationLog  # noqa: E402
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(args.out, index=False)
 
-    frame["kind"] = np.where(frame["prefill_tokens"] > 0, "chunk", np.where(frame["early_exits"] > 0, "leave", "stay"))
+    frame["kind"] = ""
+    for kind, mask in step_kinds(frame).items():  # the kinds fidelity_steps.py splits the error by
+        frame.loc[mask.to_numpy(), "kind"] = kind
     cols = ["wall", "priced", "elapsed", "execute_after_events", "schedule", "update", "record",
             "host_outside_execute"] + [c for c in priced.columns if priced[c].any()]
     table = frame.groupby(["kind", "syncs"])[cols].mean().mul(1e3).round(3)

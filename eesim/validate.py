@@ -95,26 +95,30 @@ def error_bands(measured: pd.DataFrame, simulated: pd.DataFrame, resamples: int 
     return out
 
 
-def prepare_graphs(workload: Workload, config: SimConfig, executor) -> int:
+def prepare_graphs(workload: Workload, config: SimConfig, executor, peak_rows: int | None = None) -> int:
     """Capture the decode and prompt-chunk graphs ``workload`` can need under ``config``
-    (``GPUExecutor.capture_graphs``)."""
+    (``GPUExecutor.capture_graphs``): for batches of up to twice ``peak_rows`` (the largest batch a
+    simulation of the workload formed) where given, else up to the scheduler's limit. The margin covers a
+    served run that batches differently; past it, the warm-up passes capture what is met."""
     requests = workload.requests
     if not requests:
         return 0
     rows = min(config.scheduler.max_num_seqs, len(requests))
+    if peak_rows:
+        rows = min(rows, 2 * int(peak_rows))
     longest = max(r.prompt_len + r.output_len for r in requests)
     chunk = min(config.scheduler.max_num_batched_tokens, sum(r.prompt_len for r in requests))
     return executor.capture_graphs(rows, min(longest, config.model.max_context), chunk)
 
 
-def warm_up(workload: Workload, config: SimConfig, executor, warmups: int = 3) -> None:
+def warm_up(workload: Workload, config: SimConfig, executor, warmups: int = 3, peak_rows: int | None = None) -> None:
     """What runs untimed before a timed pass: the graphs ``workload`` can need captured up front
     (``prepare_graphs``), then real-time passes, at most ``warmups``, until one captures no graph."""
     from eesim.gpu.serve import serve
 
     # graph captures and compilation happen here, so that the batches (and with them the prompt-chunk graphs'
     # shapes) are those the timed pass will see; a capture in the timed pass would stall it for a model pass
-    prepare_graphs(workload, config, executor)
+    prepare_graphs(workload, config, executor, peak_rows)
     for _ in range(warmups):  # until a pass meets no new shape (kernels compiled, graphs captured)
         if not serve(workload, config, executor, realtime=True).summary.get("graph_captures", 0):
             break
@@ -122,14 +126,15 @@ def warm_up(workload: Workload, config: SimConfig, executor, warmups: int = 3) -
 
 def validate(workload: Workload, config: SimConfig, executor, cost_model: CostModel | None = None,
              warmups: int = 3) -> tuple[pd.DataFrame, SimResult, SimResult]:
-    """Measure ``workload`` on ``executor`` in real time and simulate it; returns (errors, measured,
-    simulated). Before the timed pass, ``warm_up``."""
+    """Simulate ``workload`` and measure it on ``executor`` in real time; returns (errors, measured,
+    simulated). Before the timed pass, ``warm_up`` (for batches up to twice the simulation's largest)."""
     from eesim.gpu.serve import serve
     from eesim.simulator import simulate
 
-    warm_up(workload, config, executor, warmups)
-    measured = serve(workload, config, executor, realtime=True)
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)
+    peak = int(simulated.iterations["batch_size"].max()) if len(simulated.iterations) else None
+    warm_up(workload, config, executor, warmups, peak)
+    measured = serve(workload, config, executor, realtime=True)
     bands = error_bands(measured.requests, simulated.requests)
     return error_table(measured.summary, simulated.summary, bands), measured, simulated

@@ -183,11 +183,14 @@ def test_kv_cache_matches_policy_definition(model, policy):
     (RandomExits(0.04, seed=7), "recompute", "max_prob", 0.9),  # few exits: mostly nothing owed
     (RandomExits(0.3, seed=6), "copy_hidden", "max_prob", 0.9),
     (RandomExits(0.05, seed=8), "copy_hidden", "max_prob", 0.9),  # few exits: mostly nothing owed
+    (RandomExits(0.3, seed=9), "copy_hidden", "cosine", 0.9),
+    (RandomExits(0.3, seed=10), "recompute", "cosine", 0.9),
 ])
 def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr):
     """cuda_graphs=True sends pure-decode plans through segments.py and plans with prompt chunks through
     mixed_graphs.py's padded batches (both eagerly on CPU): same exits, tokens and K/V cache as the
-    general path, iteration by iteration, and no K/V written anywhere else (padding writes none)."""
+    general path, iteration by iteration, and no K/V written anywhere else (padding writes none). Steps
+    that start owing K/V run graphed until it would ride along, then on the general path (handed over)."""
     import copy
 
     pair = [make_pair(model, copy.deepcopy(rule), policy, num_blocks=64, max_tokens=10, measure=meas,
@@ -198,10 +201,11 @@ def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr
     for ex, sch in pair:
         for s in make_seqs([6, 9, 4, 5], 30):
             sch.add(s)
-    graphed = 0
+    graphed = graphed_owing = 0
     for _ in range(24):
         plans = [sch.schedule() for _, sch in pair]
         graphed += pair[1][0]._graphed_decode_ok(plans[1])
+        graphed_owing += pair[1][0]._graphed_decode_ok(plans[1]) and any(len(o) for o in plans[1].owed)
         outs = [ex.execute(plan) for (ex, _), plan in zip(pair, plans)]
         for name in ("exit_index", "forced", "tokens"):
             np.testing.assert_array_equal(getattr(outs[0], name), getattr(outs[1], name))
@@ -211,6 +215,12 @@ def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr
         assert graphed >= 10
     if policy != "fill" and isinstance(rule, RandomExits) and rule.p < 0.1:
         assert graphed >= 5  # decode steps with nothing owed, exits settled at the end of the pass
+    if policy != "fill" and isinstance(rule, RandomExits) and rule.p >= 0.3:
+        # steps owing K/V: handed over where it rides; under recompute (a row's own debts ride only with
+        # it) some are over before they would, wholly graphed
+        assert 0 < pair[1][0].handovers <= graphed_owing
+        if policy == "recompute":
+            assert pair[1][0].handovers < graphed_owing
     assert pair[1][0]._mixed_graphs._shapes  # prompt chunks ran padded
     written = ~torch.isnan(pair[0][0].k_cache)
     assert torch.equal(written, ~torch.isnan(pair[1][0].k_cache))
@@ -406,3 +416,44 @@ def test_copy_hidden_projection_shapes_prepared_from_padding_write_nothing(model
         sch.update(plan, ex.execute(plan), [0.0])
     projecting = [shape for shape in ran if shape.M]
     assert projecting and all(shape is prepared[(shape.P, 0, 8, shape.wd, shape.wc, 16)] for shape in projecting)
+
+
+@pytest.mark.parametrize("policy,p,seed", [("fill", 0.5, 3), ("copy_hidden", 0.4, 5), ("copy_hidden", 0.7, 6),
+                                           ("recompute", 0.4, 7), ("recompute", 0.7, 8)])
+def test_general_path_shapes_all_planned_for_capture(model, policy, p, seed):
+    """Every padded shape and stretch the general path runs (``MixedGraphs.run``) is one ``capture_graphs``
+    captures up front (``mixed_graph_plan``), so no served step stalls on a capture: prompts arriving beside
+    decode rows that leave at random exits (all of them, at times, so a chunk runs on alone), owing K/V."""
+    from eesim.gpu.mixed_graphs import MIN_CHUNKS
+
+    max_seqs, max_tokens = 8, 16  # chunks of the largest padded size: recompute's owed rows go past it
+    ex, sch = make_pair(model, RandomExits(p, seed=seed), policy, num_blocks=128, max_tokens=max_tokens,
+                        max_seqs=max_seqs, cuda_graphs=True)
+    ran = set()
+    real_run = ex._mixed_graphs.run
+
+    def run(lo, hi, x, shape, *args):
+        ran.add((lo, hi, shape.P, shape.T, shape.C, shape.M))
+        return real_run(lo, hi, x, shape, *args)
+
+    ex._mixed_graphs.run = run
+    rng = np.random.default_rng(seed)
+    seqs = make_seqs(rng.integers(2, 24, size=14).tolist(), 10)
+    arrive = np.sort(rng.integers(0, 30, size=len(seqs)))
+    for step in range(200):
+        for i in np.flatnonzero(arrive == step):
+            sch.add(seqs[i])
+        if not sch.has_work:
+            if step > arrive.max():
+                break
+            continue
+        plan = sch.schedule()
+        sch.update(plan, ex.execute(plan), [0.0])
+    assert all(s.is_finished for s in seqs)
+    planned = {(lo, hi, P, T, MIN_CHUNKS, M) for P, T, stretches, M in ex.mixed_graph_plan(max_seqs, max_tokens)
+               for lo, hi in stretches}
+    unplanned = ran - planned
+    # the plan's stated limits: more than MIN_CHUNKS groups, more than 16 projected entries beside a chunk
+    assert ran and all(C > MIN_CHUNKS or (T and M > 16) for _, _, _, T, C, M in unplanned), sorted(unplanned)
+    if p < 0.5:  # rows leaving at 40% of the exits they reach never reach those limits here
+        assert not unplanned, sorted(unplanned)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from eesim.gpu.general_path import Resume, rides, run_general
 from eesim.plan import IterationPlan
 from eesim.work import settle_target
 
@@ -45,12 +46,25 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
     fill_rows: list[np.ndarray] = []  # rows that left, per exit
     fill_layer: list[int] = []
     pending: list[tuple[np.ndarray, Tensor]] = []  # (rows, argmax on device)
+    # K/V owed from earlier steps (copy_hidden, recompute): none of it rides before its exit layer, and a step
+    # whose rows all leave before then never runs it; the first stretch it would ride in, the general path
+    # takes the pass over (general_path.Resume)
+    owed_row = np.asarray([b for b, o in enumerate(plan.owed) for _ in o], dtype=np.int64)
+    owed_depth = np.asarray([d for o in plan.owed for _, d in o], dtype=np.int64)
+    x_now = None  # the running rows' residual after the last stretch
     lo = 0
     for s in range(S):
         hi = bounds[s + 1]
         if s < S - 1 and not checks:
             continue  # no check here: the next stretch runs on through these layers
+        if len(owed_row) and s:
+            running = np.zeros(B, dtype=bool)
+            running[active] = True
+            if rides(ex.policy, owed_depth, running[owed_row], lo, spec.num_layers).any():
+                return _hand_over(ex, plan, s, x_now, active, exit_index, forced, pending, fill_h, fill_rows,
+                                  fill_layer, pos, slots)
         out = graphs.run(lo, hi, meta, "final" if s == S - 1 else ("check", s))
+        x_now = out.x
         lo = hi
         if s == S - 1:
             emit = plan.emits[active]
@@ -88,7 +102,7 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         if not len(keep):
             reach = hi  # the pass ends here: no row runs deeper
             break
-        x_keep = out.x[torch.as_tensor(keep, device=dev)]
+        x_keep = x_now = out.x[torch.as_tensor(keep, device=dev)]
         active = active[keep]
         meta = ex._stager.stage(ids[active], pos[active], slots[active], [blocks[b] for b in active])
         graphs.set_x(x_keep, meta)
@@ -100,6 +114,26 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
         rows = np.concatenate([r for r, _ in pending])
         tokens[rows] = (pending[0][1] if len(pending) == 1 else torch.cat([t for _, t in pending])).cpu().numpy()
     return exit_index, forced, tokens
+
+
+def _hand_over(ex, plan: IterationPlan, s: int, x: Tensor, active: np.ndarray, exit_index: np.ndarray,
+               forced: np.ndarray, pending: list, fill_h: list, fill_rows: list, fill_layer: list, pos: np.ndarray,
+               slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rest of the pass, from stretch ``s``, on the general path: the rows that left so far settled up to
+    that stretch's first layer, as ``_settle_exits`` would for a pass reaching it, and owed from there."""
+    ex.handovers += 1
+    lo = ex.spec.segment_bounds[s]
+    x = x.clone()  # before a projection below reuses the segment graphs' residual buffers
+    rows = np.concatenate(fill_rows) if fill_rows else np.zeros(0, dtype=np.int64)
+    depth, h = rows, None
+    if len(rows):
+        h = fill_h[0] if len(fill_h) == 1 else torch.cat(fill_h)
+        layer = np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)])
+        end = settle_target(ex.policy, 0, lo, ex.spec.num_layers)
+        if end > int(layer.min()):
+            ex._fill_graphs.run(h, layer, pos[rows], slots[rows], end)
+        depth = np.maximum(layer, end)
+    return run_general(ex, plan, Resume(s, x, active, exit_index, forced, pending, rows, h, depth))
 
 
 def _settle_exits(ex, h: Tensor, rows: np.ndarray, layer: np.ndarray, pos: np.ndarray, slots: np.ndarray,

@@ -8,9 +8,10 @@ It implements ``eesim.executor.Executor`` and is driven by the same ``Scheduler`
 
 One iteration (``plan.steps`` is always 1 here) takes one of two paths:
 
-- decode_path.py (``cuda_graphs=True`` and a plan of one-token decode rows that starts owing no K/V, but
-  fill's; see ``_graphed_decode_ok``): each stretch between exits checked runs as one CUDA graph with the
-  exit's head and confidence inside (segments.py), and the exits are settled after the last one;
+- decode_path.py (``cuda_graphs=True`` and a plan of one-token decode rows; see ``_graphed_decode_ok``): each
+  stretch between exits checked runs as one CUDA graph with the exit's head and confidence inside
+  (segments.py), and the exits are settled after the last one; a plan owing K/V from earlier steps runs
+  so up to the first stretch that K/V would ride along in, and the general path takes the rest over;
 - general_path.py (anything else: prefill chunks beside decode rows, copy_hidden's projections and
   recompute's extra rows of K/V owed from earlier steps, kept logits): a layer loop over one flat token batch, decode rows through the
   paged decode kernel and every prefill chunk (and recompute's rows) of a layer through one paged
@@ -140,6 +141,7 @@ class GPUExecutor:
         self.cuda_graphs = cuda_graphs
         # False: every plan takes the general path (the profiler times eager exit checks this way)
         self.graphed_decode = True
+        self.handovers = 0  # graphed passes the general path took over where owed K/V rides (decode_path.py)
         self._stager = MetaStager(self.device, block_size)
         self._pinned = PinnedStager(self.device)
         self._host_bufs: dict = {}  # pinned landing buffers of _to_host, per shape
@@ -279,9 +281,9 @@ class GPUExecutor:
 
     # ---- the graphed decode path --------------------------------------------------------------------
     def _graphed_decode_ok(self, plan: IterationPlan) -> bool:
-        """Plans the graphed path covers: every row a one-token decode step; nothing owed when the iteration
-        starts (fill owes nothing across iterations); exits settled at its end (fill, copy_hidden) or kept
-        (recompute); no kept logits."""
+        """Plans the graphed path covers: every row a one-token decode step; exits settled at its end (fill,
+        copy_hidden) or kept (recompute); K/V owed from earlier steps (copy_hidden, recompute) up to where it
+        would ride along (then the general path takes over); no kept logits."""
         if not self.cuda_graphs or not self.graphed_decode or self.keep_logits or not len(plan.seqs) \
                 or (plan.num_new != 1).any():
             return False
@@ -292,7 +294,12 @@ class GPUExecutor:
         if policy.settle == "iteration_end" and policy.work == "kv_projection":
             return True
         if any(len(o) for o in plan.owed):
-            return False
+            # owed K/V rides from its exit layer on: the graphed path runs the pass up to the first stretch where
+            # some of it would ride, then hands the rest to the general path (decode_path._hand_over), for the
+            # policies whose rows that left by then can be settled up to there (projected, or left to their own
+            # pass)
+            return bool(checks) and (policy.settle == "own_pass"
+                                     or (policy.settle == "batch_pass" and policy.work == "kv_projection"))
         # nothing owed yet: rows that leave are settled at the end (decode_path._settle_exits)
         return not checks or policy.settles_exits_after_the_pass
 
@@ -319,9 +326,9 @@ class GPUExecutor:
         positions can need (each padded row count x block-table width x stretch of the current exits),
         as serving engines capture their batch sizes at start-up; otherwise a shape first met under load
         stalls that iteration for a model pass and a capture. With ``max_chunk_tokens``, also the prompt-chunk
-        graphs (``mixed_graphs``) of chunks up to that many tokens beside each padded count of decode rows,
-        and under copy_hidden the decode steps that project owed entries (up to one per row; beside a prompt
-        chunk they are captured when first met). Returns the graphs captured (0 off CUDA)."""
+        graphs (``mixed_graphs``) of ``mixed_graph_plan``: chunks up to that many tokens beside each padded count
+        of decode rows, recompute's owed rows beside them, copy_hidden's projected entries beside decode rows
+        or a chunk. Returns the graphs captured (0 off CUDA)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
             return 0
         from eesim.gpu.batch import WIDTH_QUANTUM, row_bucket
@@ -350,25 +357,47 @@ class GPUExecutor:
                 for first in bounds[1:-1]:
                     for end in sorted(e for e in ends if e > first):
                         captured += self._fill_graphs.capture(n, first, end)
-        if max_chunk_tokens > 0:
-            from eesim.gpu.mixed_graphs import pow2, token_bucket
-
-            whole = [(0, spec.num_layers)]
-            segments = whole + [(bounds[s], bounds[s + 1]) for s in range(S)] if len(stretches) > 1 else whole
-            top = token_bucket(max_chunk_tokens)
-            tokens = sorted({token_bucket(n) for n in range(1, top + 1)})
-            row_buckets = sorted({pow2(n) for n in range(1, max(1, max_rows) + 1)})
-            for rows in [0] + row_buckets:
-                for t in tokens:  # a chunk alone is never checked: one stretch
-                    captured += self._mixed_graphs.capture(rows, t, segments if rows else whole)
-            if self.policy.work == "kv_projection" and self.policy.settle != "iteration_end" and len(stretches) > 1:
-                # copy_hidden's steps that start owing: entries ride along from their exit on, stretch by stretch
-                # (no chunk: T = 0), so every stretch after the first exit
-                for rows in row_buckets:
-                    for m in sorted({pow2(n, 16) for n in range(1, rows + 1)}):
-                        captured += self._mixed_graphs.capture(rows, 0, segments[2:], m)
+        for P, T, stretches_of_shape, M in self.mixed_graph_plan(max_rows, max_chunk_tokens):
+            captured += self._mixed_graphs.capture(P, T, stretches_of_shape, M)
         torch.cuda.synchronize()
         return captured
+
+    def mixed_graph_plan(self, max_rows: int, max_chunk_tokens: int) -> list[tuple[int, int, list, int]]:
+        """The padded shapes ``capture_graphs`` captures on the general path (``mixed_graphs``), as
+        ``(decode rows P, chunk tokens T, stretches, projected entries M)``, each with ``MIN_CHUNKS`` chunks:
+        every shape a run of at most ``max_rows`` rows and chunks of at most ``max_chunk_tokens`` tokens can
+        meet, but those of more than ``MIN_CHUNKS`` prompt chunks and owing sequences in one step, and
+        copy_hidden's entries beside a chunk beyond one padded count (16) of them. Nothing runs here."""
+        if max_chunk_tokens <= 0:
+            return []
+        from eesim.gpu.mixed_graphs import pow2, token_bucket
+
+        spec, policy = self.spec, self.policy
+        bounds, S = spec.segment_bounds, spec.num_segments
+        checked = self.rule.checks_confidence and S > 1
+        whole = [(0, spec.num_layers)]
+        segments = whole + [(bounds[s], bounds[s + 1]) for s in range(S)] if checked else whole
+        after_exit = segments[2:]  # the stretches after the first exit: where owed entries join
+        top = token_bucket(max_chunk_tokens)
+        tokens = sorted({token_bucket(n) for n in range(1, top + 1)})
+        row_buckets = sorted({pow2(n) for n in range(1, max(1, max_rows) + 1)})
+        # a chunk alone is never checked (one stretch), but it runs on alone, stretch by stretch, once every
+        # decode row beside it has left at an exit
+        plan = [(rows, t, segments if rows else whole + after_exit, 0) for rows in [0] + row_buckets for t in tokens]
+        if not checked:
+            return plan
+        if policy.work == "full_layers":
+            # recompute's owed rows join a prompt chunk's tokens after the first exit: more tokens than the
+            # largest chunk (up to four owed positions per row, as many as the scheduler lets accumulate)
+            extra = sorted({token_bucket(n) for n in range(top + 1, top + 4 * max(1, max_rows) + 1)} - set(tokens))
+            plan += [(rows, t, after_exit, 0) for rows in row_buckets for t in extra]
+        if policy.work == "kv_projection" and policy.settle != "iteration_end":
+            # copy_hidden's steps that start owing: entries ride along from their exit on, stretch by
+            # stretch, beside the decode rows alone (up to one per row) and beside a prompt chunk (16 padded)
+            plan += [(rows, 0, after_exit, m) for rows in row_buckets
+                     for m in sorted({pow2(n, 16) for n in range(1, rows + 1)})]
+            plan += [(rows, t, after_exit, 16) for rows in [0] + row_buckets for t in tokens]
+        return plan
 
     def _to_host(self, t: Tensor) -> np.ndarray:
         """``t.cpu().numpy()`` through a pinned buffer (a non-blocking copy, then a stream sync)."""

@@ -75,16 +75,47 @@ class Owed:
         self.hidden = hidden if self.hidden is None else torch.cat([self.hidden, hidden])
 
 
-def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs ``plan`` on executor ``ex``; returns (exit index, forced, token) per row."""
+@dataclass
+class Resume:
+    """A pure-decode pass the graphed path (decode_path.py) ran up to stretch ``stretch``, handed over because
+    owed entries ride from there: the residual ``x`` of the rows still running (``active``) at that stretch's
+    first layer, the exits and tokens so far, and the rows that left (exit states, exit layers), their K/V
+    settled up to that layer."""
+
+    stretch: int
+    x: Tensor
+    active: np.ndarray
+    exit_index: np.ndarray
+    forced: np.ndarray
+    pending_tokens: list
+    left_rows: np.ndarray
+    left_hidden: Tensor | None
+    left_depth: np.ndarray
+
+
+def rides(policy, depth: np.ndarray, row_running: np.ndarray, lo: int, num_layers: int, any_rows: bool = True) -> np.ndarray:
+    """Which owed entries (K/V reaching ``depth`` so far; their row still running or not) ride along in a
+    stretch that starts at layer ``lo``: as the KV policy settles them."""
+    cand = (depth <= lo) & (depth < num_layers)
+    if policy.settle == "batch_pass":
+        return cand & any_rows
+    if policy.settle == "own_pass":
+        return cand & row_running
+    return cand  # iteration_end: only full_layers entries exist here; they go to the last layer
+
+
+def run_general(ex, plan: IterationPlan, resume: Resume | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs ``plan`` on executor ``ex``; returns (exit index, forced, token) per row. With ``resume``, the
+    rest of a pure-decode pass the graphed path began."""
     spec, model, stager = ex.spec, ex.model, ex._pinned
     seqs = plan.seqs
     B, S, bounds, L = len(seqs), spec.num_segments, spec.segment_bounds, spec.num_layers
     policy = ex.policy
-    exit_index = np.full(B, S - 1, dtype=np.int64)
-    forced = np.zeros(B, dtype=bool)
+    exit_index = np.full(B, S - 1, dtype=np.int64) if resume is None else resume.exit_index
+    forced = np.zeros(B, dtype=bool) if resume is None else resume.forced
     tokens = np.full(B, -1, dtype=np.int64)
-    ex.last_logits, ex.last_hidden = {}, {}
+    if resume is None:
+        ex.last_logits, ex.last_hidden = {}, {}
     num_new, start = plan.num_new.astype(np.int64), plan.start.astype(np.int64)
 
     # ---- the flat token batch: one-token rows first, then prefill chunks ----
@@ -101,8 +132,11 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
     T = int(chunk_counts.sum())
     chunk_last = P0 + np.cumsum(chunk_counts) - 1  # the row of each chunk's last token
     blocks = [seqs[b].blocks for b in range(B)]
-    (ids_dev,) = stager.stage(ids.astype(np.int32))
-    x = torch.index_select(model.embed_tokens.weight, 0, ids_dev)
+    if resume is None:
+        (ids_dev,) = stager.stage(ids.astype(np.int32))
+        x = torch.index_select(model.embed_tokens.weight, 0, ids_dev)
+    else:
+        x = resume.x
 
     # ---- owed positions carried into this pass ----
     owed = Owed.empty()
@@ -125,6 +159,16 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
     confident_all = ex._replay_confident(plan) if (ex.mode == "replay" and checks) else None
     prev = x[:P0] if checks and ex.measure.column == "cosine" else None  # cosine's previous exit
     pending_tokens: list[tuple[np.ndarray, Tensor]] = []  # (rows, argmax on device)
+    first = 0  # first stretch to run
+    if resume is not None:  # (a pure-decode pass: every row is a decode row, in batch order)
+        first, active = resume.stretch, resume.active
+        ids_active, pos_active, slot_active = ids[active], positions[active], slots[active]
+        row_active[:] = False
+        row_active[active] = True
+        pending_tokens = resume.pending_tokens
+        if len(resume.left_rows):  # the rows that left owe what the policy asks from where they are settled
+            owed.add(resume.left_rows, positions[resume.left_rows], slots[resume.left_rows], resume.left_depth,
+                     resume.left_hidden)
     full_layers = policy.work == "full_layers"
     staged_rows = -1  # decode rows the metadata below was staged for
     meta: LayerMeta | None = None  # exact metadata (eager layers), or
@@ -132,23 +176,17 @@ def run_general(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.nda
     decode_meta = None  # the decode stretch graphs' metadata (segments.py)
     carried = np.zeros(0, dtype=np.int64)
 
-    lo = 0  # first layer of the stretch to run
-    for s in range(S):
+    lo = bounds[first]  # first layer of the stretch to run
+    for s in range(first, S):
         hi = bounds[s + 1]
         if s < S - 1 and not checks and not len(owed):
             continue  # nothing happens at this exit: the stretch runs on through it
         any_rows = len(active) + T > 0
         riding = np.zeros(0, dtype=np.int64)
         if len(owed):
-            cand = (owed.depth <= lo) & (owed.depth < L)
-            if policy.settle == "batch_pass":
-                rides = cand & any_rows
-            elif policy.settle == "own_pass":
-                rides = cand & row_active[owed.row]
-            else:  # iteration_end: only full_layers entries exist here; they go to the last layer
-                rides = cand
-            assert (owed.depth[rides] == lo).all(), "an owed entry missed layers it should have run"
-            riding = np.flatnonzero(rides)
+            ride = rides(policy, owed.depth, row_active[owed.row], lo, L, any_rows)
+            assert (owed.depth[ride] == lo).all(), "an owed entry missed layers it should have run"
+            riding = np.flatnonzero(ride)
         new_full = riding[np.lexsort((owed.position[riding], owed.row[riding]))] if full_layers else riding[:0]
         proj = riding[:0] if full_layers else riding
         if not any_rows and not len(new_full):
