@@ -7,6 +7,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
 LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}; PROFILE_TIME=${PROFILE_TIME:-100}
+OWING=""; [ "${GRAPHED_OWING:-0}" != 0 ] && OWING=--graphed-owing  # GRAPHED_OWING=1: GPUExecutor.graphed_owing, profiled so too
 left() { echo $((${BUDGET:-585} - (SECONDS - S))); }  # BUDGET: seconds this script may take
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1
@@ -17,12 +18,12 @@ PROFILE=${PROFILE:-}
 if [ -z "$PROFILE" ]; then
     PROFILE=$OUT/llama2-7b.parquet
     timeout $((PROFILE_TIME + 40)) python -m eesim.profiler --model llama2-7b --out "$PROFILE" --time-limit "$PROFILE_TIME" \
-        --quiet >> "$L" 2>&1
+        --quiet $OWING >> "$L" 2>&1
     echo "== profiled at $((SECONDS - S)) s" >> "$L"
 fi
 R=$(left)
 timeout "$R" python benchmarks/fidelity_matrix.py --profile "$PROFILE" --loads "$LOADS" \
-    --duration "$DURATION" --warmup "$WARMUP" --time-limit $((R - 60)) --out "$OUT" >> "$L" 2>&1
+    --duration "$DURATION" --warmup "$WARMUP" --time-limit $((R - 60)) --out "$OUT" $OWING >> "$L" 2>&1
 echo "== matrix at $((SECONDS - S)) s" >> "$L"
 R=$(left)
 if [ "${CHECK:-1}" != 0 ] && [ "$R" -gt 40 ]; then  # CHECK=0: no correctness check after the matrix

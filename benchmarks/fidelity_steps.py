@@ -21,7 +21,10 @@ WORK = ["batch_size", "prefill_tokens", "decode_rows", "early_exits", "batch_rea
 
 def step_kinds(frame: pd.DataFrame) -> dict[str, pd.Series]:
     decode = frame.prefill_tokens == 0
-    owing = frame.owed_positions > 0
+    # owing: the step started owing K/V (its batch's entries, ``owed_carried``, logs since the fourth session of
+    # 2026-11-23); older logs have only ``owed_positions``, the ledger's debts after the step, so there a step
+    # whose rows leave for the first time (and that starts owing nothing) counts as owing
+    owing = (frame.owed_carried if "owed_carried" in frame else frame.owed_positions) > 0
     ran = (frame.proj_rows > 0) | (frame.recompute_rows > 0)
     return {"stay": decode & (frame.early_exits == 0) & ~owing, "leave": decode & (frame.early_exits > 0) & ~owing,
             "owing, runs owed": decode & owing & ran, "owing, runs none": decode & owing & ~ran,
@@ -37,7 +40,8 @@ def compare(frame: pd.DataFrame) -> pd.DataFrame:
         s = g[g.run == "simulated"].sort_values("iteration").reset_index(drop=True)
         n = min(len(m), len(s))
         m, s = m.iloc[:n], s.iloc[:n]
-        same = (m[WORK].to_numpy() == s[WORK].to_numpy()).all(axis=1)
+        work = WORK + [c for c in ("owed_carried",) if c in g]
+        same = (m[work].to_numpy() == s[work].to_numpy()).all(axis=1)
         row = {"load": load, "policy": policy, "matched": f"{same.mean():.0%}"}
         dm, ds = (m.end - m.start) * 1e3, (s.end - s.start) * 1e3
         for kind, mask in step_kinds(m).items():

@@ -28,7 +28,7 @@ from eesim.request import Sequence
 ITERATION_COLUMNS = (
     "replica", "iteration", "start", "end", "batch_size", "prefill_tokens", "decode_rows", "early_exits",
     "forced_exits", "batch_reach", "proj_rows", "recompute_rows", "syncs", "preempted", "kv_utilisation",
-    "owed_positions")
+    "owed_positions", "owed_carried")
 PERCENTILES = (50, 90, 99)
 
 
@@ -94,7 +94,8 @@ class IterationLog:
             "preempted": np.where(offset == 0, np.repeat(preempted, steps), 0),
             "kv_utilisation": np.fromiter(chain.from_iterable(used), dtype=np.int64, count=total_steps)
             / np.repeat(blocks, steps),
-            "owed_positions": np.repeat(owed, steps),
+            "owed_positions": np.repeat(owed, steps),  # owed when the iteration's update is done
+            "owed_carried": per_step("carried").astype(np.int64),  # entries the step started owing, this batch's
         })
 
 

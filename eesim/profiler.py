@@ -104,6 +104,9 @@ class ProfileGrid:
     # measurement) the pooled owed-row points came out ~2 ms below single-round ones and below what served
     # steps with owed rows measured, and the simulator's recompute errors grew from -2..-5% to -10..-18%
     rounds: int = 1
+    # the executor's graphed_owing (decode steps owing K/V graphed up to where it rides): a profile prices the
+    # executor it measured, so serve with the same setting
+    graphed_owing: bool = False
 
     def to_meta(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -531,6 +534,7 @@ def profile(model: str = "llama2-7b", out: str | Path | None = None, grid: Profi
     if exits:
         spec = spec.with_exits(exits)
     spec, ex = build_executor(spec, weights, device, dtype, grid, headroom_gb, backend)
+    ex.graphed_owing = grid.graphed_owing
     env = environment()
     meta = {"format": 1, "model": spec_to_meta(spec), "shape": shape_name(spec), **env, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "grid": grid.to_meta(), "command": command,
@@ -575,6 +579,8 @@ def grid_from_args(args) -> ProfileGrid:
         over["warmup"] = args.warmup
     if args.rounds:
         over["rounds"] = args.rounds
+    if getattr(args, "graphed_owing", False):
+        over["graphed_owing"] = True
     return replace(grid, **over)
 
 
@@ -622,6 +628,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left free beside the KV cache")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds of sweep (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--graphed-owing", action="store_true",
+                   help="measure the executor with decode steps owing K/V graphed up to where it rides")
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

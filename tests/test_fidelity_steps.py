@@ -35,6 +35,19 @@ def test_matched_steps_summed_by_kind():
     assert out["prompt chunk"] == "1: 20 / 22 (+10.0%)"
 
 
+def test_owing_means_starting_to_owe_where_the_log_says_so():
+    """With ``owed_carried`` (what the step started owing) a step whose rows leave for the first time is a leave,
+    though K/V is owed after it (``owed_positions``); the next one, starting owing, is owing."""
+    rows = []
+    for run in ("measured", "simulated"):
+        its = _iterations(run, [0.004, 0.005], [1, 1], [1, 2])
+        for it, carried in zip(its, [0, 1]):
+            it["owed_carried"] = carried
+        rows += its
+    out = fidelity_steps.compare(pd.DataFrame(rows)).iloc[0]
+    assert out["leave"] == "1: 4 / 4 (+0.0%)" and out["owing, runs none"] == "1: 5 / 5 (+0.0%)"
+
+
 def test_rescore_with_the_measured_requests_adds_error_bands(tmp_path):
     """fidelity_rescore.py --requests: the request-level errors get their bands (here the 'measured' requests are
     the simulation's own, so every band is the single point 0)."""

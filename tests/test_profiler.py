@@ -197,3 +197,17 @@ def test_decode_contexts_spread_with_the_grid_mean(tmp_path, ctx, batch):
         assert got[0] < ctx < got[-1]  # spread, not uniform
     prof.grid = replace(prof.grid, decode_spread=0.0)
     assert prof.contexts(ctx, batch) == [ctx] * batch
+
+
+def test_graphed_owing_set_from_the_command_line_and_recorded():
+    """``--graphed-owing`` profiles the executor that serves owing steps graphed up to where their K/V rides;
+    the grid, recorded in the profile's metadata, says which executor a profile priced."""
+    import argparse
+
+    from eesim.profiler import _add_arguments, grid_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    assert grid_from_args(parser.parse_args(["--graphed-owing"])).graphed_owing
+    assert not grid_from_args(parser.parse_args([])).graphed_owing
+    assert GRIDS["default"].to_meta()["graphed_owing"] is False

@@ -10,8 +10,9 @@ One iteration (``plan.steps`` is always 1 here) takes one of two paths:
 
 - decode_path.py (``cuda_graphs=True`` and a plan of one-token decode rows; see ``_graphed_decode_ok``): each
   stretch between exits checked runs as one CUDA graph with the exit's head and confidence inside
-  (segments.py), and the exits are settled after the last one; a plan owing K/V from earlier steps runs
-  so up to the first stretch that K/V would ride along in, and the general path takes the rest over;
+  (segments.py), and the exits are settled after the last one; with ``graphed_owing``, a plan owing K/V
+  from earlier steps runs so up to the first stretch that K/V would ride along in, and the general path
+  takes the rest over;
 - general_path.py (anything else: prefill chunks beside decode rows, copy_hidden's projections and
   recompute's extra rows of K/V owed from earlier steps, kept logits): a layer loop over one flat token batch, decode rows through the
   paged decode kernel and every prefill chunk (and recompute's rows) of a layer through one paged
@@ -141,6 +142,10 @@ class GPUExecutor:
         self.cuda_graphs = cuda_graphs
         # False: every plan takes the general path (the profiler times eager exit checks this way)
         self.graphed_decode = True
+        # True: decode steps that start owing K/V (copy_hidden, recompute) run graphed up to the first stretch
+        # where it would ride along, then on the general path (decode_path._hand_over). Off by default until
+        # measured on the GPU (checked on CPU by the tests); the profiler records it (ProfileGrid.graphed_owing)
+        self.graphed_owing = False
         self.handovers = 0  # graphed passes the general path took over where owed K/V rides (decode_path.py)
         self._stager = MetaStager(self.device, block_size)
         self._pinned = PinnedStager(self.device)
@@ -282,8 +287,9 @@ class GPUExecutor:
     # ---- the graphed decode path --------------------------------------------------------------------
     def _graphed_decode_ok(self, plan: IterationPlan) -> bool:
         """Plans the graphed path covers: every row a one-token decode step; exits settled at its end (fill,
-        copy_hidden) or kept (recompute); K/V owed from earlier steps (copy_hidden, recompute) up to where it
-        would ride along (then the general path takes over); no kept logits."""
+        copy_hidden) or kept (recompute); nothing owed from earlier steps, or, with ``graphed_owing``, K/V owed
+        (copy_hidden, recompute) up to where it would ride along (then the general path takes over); no kept
+        logits."""
         if not self.cuda_graphs or not self.graphed_decode or self.keep_logits or not len(plan.seqs) \
                 or (plan.num_new != 1).any():
             return False
@@ -294,6 +300,8 @@ class GPUExecutor:
         if policy.settle == "iteration_end" and policy.work == "kv_projection":
             return True
         if any(len(o) for o in plan.owed):
+            if not self.graphed_owing:
+                return False
             # owed K/V rides from its exit layer on: the graphed path runs the pass up to the first stretch where
             # some of it would ride, then hands the rest to the general path (decode_path._hand_over), for the
             # policies whose rows that left by then can be settled up to there (projected, or left to their own
