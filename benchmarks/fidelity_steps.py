@@ -20,11 +20,13 @@ WORK = ["batch_size", "prefill_tokens", "decode_rows", "early_exits", "batch_rea
 
 
 def step_kinds(frame: pd.DataFrame) -> dict[str, pd.Series]:
+    """Masks of ``frame`` (the iterations of one run, in order) by kind of step."""
     decode = frame.prefill_tokens == 0
     # owing: the step started owing K/V (its batch's entries, ``owed_carried``, logs since the fourth session of
-    # 2026-11-23); older logs have only ``owed_positions``, the ledger's debts after the step, so there a step
-    # whose rows leave for the first time (and that starts owing nothing) counts as owing
-    owing = (frame.owed_carried if "owed_carried" in frame else frame.owed_positions) > 0
+    # 2026-11-23); older logs have only ``owed_positions``, the ledger's debts after each step, so there the
+    # previous step's (which also counts debts of sequences outside the batch)
+    started = frame.owed_carried if "owed_carried" in frame else frame.owed_positions.shift(1, fill_value=0)
+    owing = started > 0
     ran = (frame.proj_rows > 0) | (frame.recompute_rows > 0)
     return {"stay": decode & (frame.early_exits == 0) & ~owing, "leave": decode & (frame.early_exits > 0) & ~owing,
             "owing, runs owed": decode & owing & ran, "owing, runs none": decode & owing & ~ran,

@@ -132,7 +132,7 @@ def test_execute_serves_on_the_cpu_executor(tmp_path, mode):
     if mode == "model":
         args += ["--checkpoint", str(REPO / "traces" / "small")]
     else:
-        args += ["--with-simulation"]
+        args += ["--with-simulation", "--graphed-owing"]  # owing steps graphed until their K/V rides: same exits
     assert main(args) == 0
     requests = pd.read_parquet(tmp_path / "requests.parquet")
     iterations = pd.read_parquet(tmp_path / "iterations.parquet")

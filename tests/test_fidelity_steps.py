@@ -24,14 +24,16 @@ def _iterations(run, durations, exits, owed, chunk_at=None):
 
 
 def test_matched_steps_summed_by_kind():
-    meas = _iterations("measured", [0.010, 0.010, 0.004, 0.005, 0.020], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], chunk_at=4)
-    sim = _iterations("simulated", [0.009, 0.009, 0.004, 0.004, 0.022], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], chunk_at=4)
+    meas = _iterations("measured", [0.010, 0.010, 0.004, 0.005, 0.003, 0.020], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0],
+                       chunk_at=5)
+    sim = _iterations("simulated", [0.009, 0.009, 0.004, 0.004, 0.002, 0.022], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0],
+                      chunk_at=5)
     sim[1]["syncs"] = 3  # a step whose work differs is not compared
     out = fidelity_steps.compare(pd.DataFrame(meas + sim)).iloc[0]
-    assert out["matched"] == "80%"
+    assert out["matched"] == "83%"
     assert out["stay"] == "1: 10 / 9 (-10.0%)"
-    assert out["leave"] == "1: 4 / 4 (+0.0%)"
-    assert out["owing, runs none"] == "1: 5 / 4 (-20.0%)"
+    assert out["leave"] == "2: 9 / 8 (-11.1%)"  # (no owed_carried: a step owes what the one before left owed)
+    assert out["owing, runs none"] == "1: 3 / 2 (-33.3%)"
     assert out["prompt chunk"] == "1: 20 / 22 (+10.0%)"
 
 

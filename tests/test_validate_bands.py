@@ -71,3 +71,30 @@ def test_bands_skip_what_no_resample_defines():
     bands = error_bands(m, m.assign(ttft=m.ttft * 1.1))
     assert "inter-token latency mean" not in bands
     assert bands["TTFT p50"] == pytest.approx((0.1, 0.1))
+
+
+def test_graphs_prepared_for_twice_the_simulated_peak_batch():
+    """``prepare_graphs`` captures for batches up to twice the largest one the simulation formed (so far fewer
+    graphs than the scheduler's limit of 256 would need), the longest context and the chunk budget."""
+    from eesim.config import SimConfig
+    from eesim.defaults import load_exit_trace
+    from eesim.hardware import hardware_preset
+    from eesim.model_spec import model_preset
+    from eesim.scheduler import SchedulerConfig
+    from eesim.validate import prepare_graphs
+    from eesim.workload import load_workload
+
+    class Recorder:
+        def capture_graphs(self, max_rows, max_context, max_chunk_tokens):
+            self.args = (max_rows, max_context, max_chunk_tokens)
+            return 0
+
+    trace, model, _ = load_exit_trace("synthetic", model_preset("llama2-7b"))
+    config = SimConfig(model, hardware_preset("h100"), trace, scheduler=SchedulerConfig(256, 2048, 16))
+    workload = load_workload("poisson:rate=8,duration=8", seed=0).clip(model.max_context)[0]
+    longest = max(r.prompt_len + r.output_len for r in workload.requests)
+    ex = Recorder()
+    prepare_graphs(workload, config, ex, peak_rows=7)
+    assert ex.args == (14, min(longest, model.max_context), 2048)
+    prepare_graphs(workload, config, ex)  # no simulation at hand: the scheduler's limit (or the request count)
+    assert ex.args[0] == min(256, workload.num_requests)
