@@ -6,7 +6,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
-LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}; PROFILE_TIME=${PROFILE_TIME:-100}
+LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}; PROFILE_TIME=${PROFILE_TIME:-115}
 OWING=""; [ "${GRAPHED_OWING:-0}" != 0 ] && OWING=--graphed-owing  # GRAPHED_OWING=1: GPUExecutor.graphed_owing, profiled so too
 left() { echo $((${BUDGET:-585} - (SECONDS - S))); }  # BUDGET: seconds this script may take
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"

@@ -8,6 +8,10 @@ host reads the confidences (a few bytes), the rule decides, and the batch shrink
 left; ``_settle_exits`` then does what the KV policy asks of them in one ``fused_fill`` launch, replayed
 from a CUDA graph (``fill_graphs``; fill: every layer skipped; copy_hidden: the layers the rest of the batch ran) and keeps the exit states of what is
 still owed in the hidden pool (copy_hidden past the pass's reach, recompute).
+
+With ``graphed_owing`` it also takes plans that start owing K/V (copy_hidden, recompute): they run here up to
+the first stretch in which an owed entry would ride along (often none: the rows leave first), and there
+``_hand_over`` passes the rest of the pass to the general path (``general_path.Resume``).
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ class Resume:
     left_depth: np.ndarray
 
 
-def rides(policy, depth: np.ndarray, row_running: np.ndarray, lo: int, num_layers: int, any_rows: bool = True) -> np.ndarray:
+def rides(policy, depth: np.ndarray, row_running: np.ndarray, lo: int, num_layers: int,
+          any_rows: bool = True) -> np.ndarray:
     """Which owed entries (K/V reaching ``depth`` so far; their row still running or not) ride along in a
     stretch that starts at layer ``lo``: as the KV policy settles them."""
     cand = (depth <= lo) & (depth < num_layers)
