@@ -215,6 +215,8 @@ def _executor_run(args: argparse.Namespace):
     config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
     if args.replicas != 1:
         raise EesimError(f"eesim {args.command} serves one replica (--replicas 1)")
+    if args.graphed_owing and args.no_graphs:
+        raise EesimError(f"eesim {args.command}: --graphed-owing runs owing steps on the graphed path; drop --no-graphs")
     executor = build_executor(config, args.mode, args.num_blocks or 2048, args.checkpoint, args.device,
                               args.backend, cuda_graphs=not args.no_graphs)
     executor.graphed_owing = args.graphed_owing

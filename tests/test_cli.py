@@ -93,6 +93,16 @@ def test_profile_bad_rounds_is_one_line_and_exit_2(tmp_path):
     assert not out.exists()
 
 
+def test_graphed_owing_without_graphs_is_refused(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("execute", "--model", "small", "--device", "cpu", "--no-graphs", "--graphed-owing",
+                     "--workload", "poisson:rate=3,duration=2", "--out", str(out), "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "drop --no-graphs" in lines[0], result.stderr
+    assert not out.exists()
+
+
 def test_unknown_option_exits_2():
     result = run_cli("compare", "--no-such-option")
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
