@@ -39,6 +39,17 @@ def closed_batch(batch: int, prompt: int, output: int) -> Workload:
     return Workload(requests, f"closed batch of {batch}: prompt {prompt}, output {output}")
 
 
+def base_config(batches: list[int], prompt: int, output: int, threshold: str, tiny: bool = False) -> SimConfig:
+    """The experiment's configuration: the Llama-2-7B shape (``small`` with ``tiny``) on the H100 preset, the
+    recorded exits, a cache for the largest closed batch, chunks large enough for a whole prompt."""
+    model = MODEL_PRESETS["small" if tiny else "llama2-7b"]
+    trace, model, _ = load_exit_trace("default", model)
+    blocks = max(batches) * -(-(prompt + output) // 16) + 64
+    return SimConfig(model, HARDWARE_PRESETS["h100"], trace, threshold=threshold,
+                     scheduler=SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                               num_blocks=blocks))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2,4,8,16,32,64")
@@ -52,13 +63,9 @@ def main() -> None:
 
     from eesim.gpu.serve import build_executor, serve
 
-    model = MODEL_PRESETS["small" if args.tiny else "llama2-7b"]
-    trace, model, _ = load_exit_trace("default", model)
     batches = [int(b) for b in args.batches.split(",")]
-    blocks = max(batches) * -(-(args.prompt + args.output) // 16) + 64
-    base = SimConfig(model, HARDWARE_PRESETS["h100"], trace, threshold=args.threshold,
-                     scheduler=SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                               num_blocks=blocks))
+    base = base_config(batches, args.prompt, args.output, args.threshold, args.tiny)
+    model, trace, blocks = base.model, base.trace, base.scheduler.num_blocks
     device = "cpu" if args.tiny else None
     executor = build_executor(base, "replay", blocks, device=device, backend="torch" if args.tiny else None)
     rows = []

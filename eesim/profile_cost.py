@@ -16,10 +16,11 @@ iteration's work into the profiled components and adds them up:
   by batch: ``idle_tab``), or, for profiles without those points or a pass to full depth, that excess
   plus the owed grid's fixed part (``owing_step``: the marginal of the fewest owed rows extrapolated to
   no layers);
-- a decode step whose rows all leave at an exit (the pass ends there) pays what the profile's ``leave`` points
-  measured beyond the decode grid's price of the same work (``leave_time``: keeping the leaving rows' tokens and
-  exit states, the pass ended at the exit), the median over the points (0.09-0.24 ms on the H100); profiles
-  without leave points price as before;
+- a decode step whose rows all leave at an exit (the pass ends there) keeping their exit states (copy_hidden,
+  recompute) pays what the profile's ``leave`` points measured beyond the decode grid's price of the same work
+  (``leave_time``), the median over the points (0.09-0.24 ms on the H100); under fill, nothing: the decode grid's
+  partial-depth points are fill's own leaves, so it prices them whole; profiles without leave points price as
+  before;
 - fill (policy fill): rows that exited x mean layers skipped, from the fill grid;
 - prefill: a step whose attention exceeds its KV reads holds a prompt chunk; its token count and the
   positions before it are recovered from the work (the decode rows from the checked rows when the rule
@@ -422,9 +423,13 @@ class ProfileCostModel:
         return tab
 
     def _graphed_leave_time(self, frame) -> float | None:
-        """Seconds a decode step whose rows all leave at an exit pays beyond what the decode and check
-        tables price: keeping the leaving rows' tokens and exit states, the pass ended at the exit. Measured by
-        the ``leave`` points (graphed, nobody owing), each less this model's own price of the same work; one
+        """Seconds a decode step whose rows all leave at an exit keeping their exit states (copy_hidden,
+        recompute) pays beyond what the decode and check tables price. The decode grid's partial-depth points are
+        passes whose rows leave under fill (ExitAt, the fill taken out), so they hold what ending a pass at an
+        exit costs fill: this is what keeping the exit states instead adds (fill is priced without it; pricing
+        the held-out grid points with it, all fill's leaves, had overpriced them by it: run 14, held-out median
+        4.70% with it, 2.98% without). Measured by the ``leave`` points (recompute, graphed, nobody owing), each
+        less this model's own price of the same work; one
         value, the median of those differences over every point (exits and batches), for every batch and exit.
         Each difference alone is one host-synced measurement less another, off by up to +-0.3 ms in a sweep on
         the H100 (0 to 1.7 ms across the exits of one profile), while what it measures is host work and small
@@ -553,7 +558,8 @@ class ProfileCostModel:
             lf = lm - li
             v = self._fill_pairs[li * (Dmax + 1) + np.minimum(rows.astype(np.int64), Dmax)]
             parts["fill"] = v[:, 0] * (1 - lf) + v[:, 1] * lf
-        if self.leave_time is not None:  # the pass ends at an exit: what settling the rows that left adds
+        if self.leave_time is not None and not self.fill_like:  # the pass ends at an exit, the rows that left
+            # keeping their exit states: what that adds over fill's leave (the decode grid's, see _graphed_leave_time)
             ends = ~chunk & (work.batch_reach < self.S - 1) & (chk[:, 0] > 0)
             if ends.any():
                 parts["leave"] = np.where(ends, self.leave_time, 0.0)
@@ -805,7 +811,8 @@ class ProfileCostModel:
             lf = lm - li
             i = 2 * (li * (Dmax + 1) + min(int(rows), Dmax))
             parts["fill"] = self._s_fill[i] * (1 - lf) + self._s_fill[i + 1] * lf
-        if self.leave_time is not None and not chunk and chk[0] > 0 and work.batch_reach.item(0) < self.S - 1:
+        if self.leave_time is not None and not self.fill_like and not chunk and chk[0] > 0 \
+                and work.batch_reach.item(0) < self.S - 1:
             parts["leave"] = self.leave_time
         if self.include_schedule:
             parts["schedule"] = 0.0 if all_chunks else self._s_sched[min(Di[0], Dmax)]

@@ -79,3 +79,23 @@ def test_rescore_with_the_measured_requests_adds_error_bands(tmp_path):
     table = pd.read_csv(tmp_path / "out.csv").set_index("metric")
     assert table.loc["TTFT p50", ["error_lo", "error_hi"]].tolist() == [0.0, 0.0]
     assert table.loc["throughput (tok/s)", ["error_lo", "error_hi"]].isna().all()
+
+
+def test_seed_paper_rescore_simulates_every_cell_again():
+    """benchmarks/seed_paper_rescore.py: each cell of a seed_paper.py run simulated again with the shipped cost
+    model; the measured speedups are the run's own, full depth is 1 on both sides, every prediction positive."""
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("seed_paper_rescore", root / "benchmarks" / "seed_paper_rescore.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = pd.read_csv(root / "docs" / "data" / "seed_paper_t0.9_final_2026-11-23.csv")
+    run = run[run.batch <= 4].reset_index(drop=True)
+    out = mod.rescore(run.drop(columns=["sim_tok_s", "sim_speedup", "sim_error"]), "0.9", "auto")
+    assert len(out) == len(run) and (out.sim_tok_s > 0).all()
+    np.testing.assert_allclose(out.speedup, run.speedup, rtol=1e-12)
+    full = out[out.policy == "full + fill"]
+    assert (full.sim_speedup == 1.0).all() and (full.speedup == 1.0).all()
+    early = out[out.policy != "full + fill"]
+    assert (early.sim_speedup != 1.0).any()  # the exits do change the simulated time
