@@ -806,3 +806,21 @@ def test_rescore_held_out_fill_leaves_carry_no_leave_term(capsys):
         line = next(x for x in out.splitlines() if x.startswith("held-out all:"))
         signed[bool(flag)] = float(line.split("mean signed")[1].strip().rstrip("%"))
     assert signed[True] == signed[False] == pytest.approx(-1.3, abs=0.05)
+
+
+def test_check_cost_is_the_non_decreasing_fit_of_the_measured_checks():
+    """The per-check cost by rows is the least-squares non-decreasing fit of the measured ones (check points less
+    full depth, per check): a dip between two batches (run 14 measured 0.196 / 0.146 / 0.132 / 0.213 ms at 1 / 2 /
+    4 / 8 rows) is averaged with its neighbours, not kept (nor spread to every smaller batch)."""
+    profile = read_profile(Path(__file__).resolve().parents[1] / "docs" / "data"
+                           / "cost_model_run14_profile_2026-11-23.parquet")
+    spec = MODEL_PRESETS[profile.model.name]
+    m = ProfileCostModel(profile, spec, kv_policy="fill", include_schedule=False)
+    chk = profile.frame[profile.frame.component == "check"].sort_values("batch")
+    b = chk["batch"].to_numpy()
+    raw = (chk["median_s"].to_numpy() - m.g_full(b.astype(float), np.full(len(b), 512.0))[0]) / (m.S - 1)
+    fitted = m.chk_tab[b]
+    assert (np.diff(m.chk_tab[1:]) >= -1e-15).all()  # non-decreasing in the rows, between the points too
+    assert np.sum((fitted - raw) ** 2) <= np.sum((np.maximum.accumulate(raw) - raw) ** 2)  # no worse than a ceiling
+    assert fitted.mean() == pytest.approx(raw.mean(), rel=1e-9)  # pooling keeps the mean (none clipped at 0 here)
+    assert fitted[:3] == pytest.approx([fitted[0]] * 3) and fitted[0] < raw[0] and fitted[2] > raw[2]
