@@ -99,3 +99,21 @@ def test_seed_paper_rescore_simulates_every_cell_again():
     assert (full.sim_speedup == 1.0).all() and (full.speedup == 1.0).all()
     early = out[out.policy != "full + fill"]
     assert (early.sim_speedup != 1.0).any()  # the exits do change the simulated time
+
+
+def test_leave_gap_runs_on_the_cpu(capsys):
+    """benchmarks/leave_gap.py --tiny: every mode of every leave step timed (the GPU diagnostic's own check)."""
+    import pytest
+
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("leave_gap", root / "benchmarks" / "leave_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--policies", "recompute"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("recompute")]
+    assert len(rows) == 2  # batches 1 and 2
+    for row in rows:
+        events = [float(v) for v in row[3::3]]  # event ms of repeat, after_full, after_idle, full
+        assert len(events) == 4 and all(v > 0 for v in events)
+        assert events[3] > max(events[:3])  # a pass to full depth takes longer than one that ends at the first exit
