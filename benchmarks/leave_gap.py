@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_decode import decode_plan  # noqa: E402
-from eesim.forced_exits import ExitAt  # noqa: E402
 from eesim.model_spec import MODEL_PRESETS  # noqa: E402
 from eesim.policies import ExitRule  # noqa: E402
 from eesim.profiler import ProfileGrid, build_executor  # noqa: E402
@@ -47,10 +46,9 @@ class LeaveOrStay(ExitRule):
 
     def __init__(self, k: int) -> None:
         self.k, self.leave = int(k), True
-        self._at = ExitAt(k)
 
     def decide(self, confident: np.ndarray, active: np.ndarray, exit_index: int) -> np.ndarray:
-        return self._at.decide(confident, active, exit_index) if self.leave else np.zeros_like(active)
+        return active.copy() if self.leave and exit_index == self.k else np.zeros_like(active)
 
 
 def timed(ex, plan) -> tuple[float, float]:

@@ -53,15 +53,17 @@ def run_decode(ex, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndar
     # K/V owed from earlier steps (copy_hidden, recompute): none of it rides before its exit layer, and a step
     # whose rows all leave before then never runs it; the first stretch it would ride in, the general path
     # takes the pass over (general_path.Resume)
-    owed_row = np.asarray([b for b, o in enumerate(plan.owed) for _ in o], dtype=np.int64)
-    owed_depth = np.asarray([d for o in plan.owed for _, d in o], dtype=np.int64)
+    owed_row = owed_depth = None  # (only with graphed_owing: the executor admits no other owing plan here)
+    if any(plan.owed):
+        owed_row = np.asarray([b for b, o in enumerate(plan.owed) for _ in o], dtype=np.int64)
+        owed_depth = np.asarray([d for o in plan.owed for _, d in o], dtype=np.int64)
     x_now = None  # the running rows' residual after the last stretch
     lo = 0
     for s in range(S):
         hi = bounds[s + 1]
         if s < S - 1 and not checks:
             continue  # no check here: the next stretch runs on through these layers
-        if len(owed_row) and s:
+        if owed_row is not None and s:
             running = np.zeros(B, dtype=bool)
             running[active] = True
             if rides(ex.policy, owed_depth, running[owed_row], lo, spec.num_layers).any():
@@ -129,7 +131,7 @@ def _hand_over(ex, plan: IterationPlan, s: int, x: Tensor, active: np.ndarray, e
     lo = ex.spec.segment_bounds[s]
     x = x.clone()  # before a projection below reuses the segment graphs' residual buffers
     rows = np.concatenate(fill_rows) if fill_rows else np.zeros(0, dtype=np.int64)
-    depth, h = rows, None
+    depth, h = np.zeros(0, dtype=np.int64), None
     if len(rows):
         h = fill_h[0] if len(fill_h) == 1 else torch.cat(fill_h)
         layer = np.concatenate([np.full(len(r), e) for r, e in zip(fill_rows, fill_layer)])
