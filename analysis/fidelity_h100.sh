@@ -7,7 +7,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-eesim-out/fidelity}; mkdir -p "$OUT"; L=$OUT/log.txt; S=$SECONDS
 LOADS=${LOADS:-light:3,heavy:8}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-0}; PROFILE_TIME=${PROFILE_TIME:-115}
-OWING=""; [ "${GRAPHED_OWING:-0}" != 0 ] && OWING=--graphed-owing  # GRAPHED_OWING=1: GPUExecutor.graphed_owing, profiled so too
+OWING=""; [ "${GRAPHED_OWING:-1}" = 0 ] && OWING=--no-graphed-owing  # GRAPHED_OWING=0: GPUExecutor.graphed_owing off, profiled so too
 left() { echo $((${BUDGET:-585} - (SECONDS - S))); }  # BUDGET: seconds this script may take
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$L"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$L" 2>&1

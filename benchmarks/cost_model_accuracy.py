@@ -10,9 +10,13 @@
     first may capture CUDA graphs for a new batch shape); the prediction is compared with that
     ``elapsed`` (host scheduling time is reported beside it, not added). Errors overall, by kind of
     iteration (decode, decode with exits (fill), mixed prefill + decode), and the worst cases.
+(c) the noise floor (``--repeat-time`` > 0, right after (a)): a random sample of ``--profile``'s own grid
+    points (the held-out components) measured again on this executor, against the profile's medians. No cost
+    model can price a held-out point closer than the machine repeats its own grid points between two sweeps;
+    meaningful when ``--profile`` was measured on this machine earlier in the same session.
 
 Goals: held-out median <= 2 %, p95 <= 6 %; whole iterations median <= 3 %, p95 <= 8 %.
-Writes cost_model_accuracy.md, heldout.csv, iterations.csv (and the held-out profile) to $OUT, and
+Writes cost_model_accuracy.md, heldout.csv, iterations.csv, repeat.csv (and the held-out profile) to $OUT, and
 heldout_work.npz / iterations_work.npz: the IterationWork of every CSV row, in order (``load_works``), so
 a changed cost model can be re-scored offline against the measured_ms columns without a GPU.
 iterations.csv also records each iteration's prompt chunks (starts, tokens) and the longest decode
@@ -27,6 +31,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eesim.plan import IterationWork  # noqa: E402
 from eesim.profile_cost import ProfileCostModel, load_profile  # noqa: E402
 from eesim.profile_data import environment, spec_to_meta  # noqa: E402
-from eesim.profiler import GRIDS, Profiler, build_executor, resolve_model  # noqa: E402
+from eesim.profiler import GRIDS, Profiler, ProfileGrid, build_executor, resolve_model  # noqa: E402
 
 
 def stats(err: np.ndarray) -> str:
@@ -71,6 +76,9 @@ def main() -> None:
     parser.add_argument("--backend", default="")
     parser.add_argument("--grid", default="offset")
     parser.add_argument("--headroom-gb", type=float, default=6.0)
+    parser.add_argument("--repeat-time", type=float, default=0.0,
+                        help="seconds for (c): the profile's own points measured again (0: skip)")
+    parser.add_argument("--repeat-points", type=int, default=80, help="grid points sampled for (c)")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT") or "eesim-out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +129,9 @@ def main() -> None:
         worst = ho.reindex(ho["error"].abs().sort_values(ascending=False).index).head(8)
         lines += ["", "Worst held-out points:", "", _table(worst)]
     print("\n".join(lines[-12:]), flush=True)
+    if args.repeat_time > 0:
+        lines += repeat_floor(prof, spec, ex, grid, meta, out_dir, args.repeat_time, args.repeat_points)
+        print("\n".join(lines[-8:]), flush=True)
 
     # ---- (b) whole iterations from a workload ----
     from eesim.exit_trace import synthesize_exit_trace
@@ -189,6 +200,40 @@ def main() -> None:
     (out_dir / "cost_model_accuracy.md").write_text(text)
     print("\n".join(lines[-20:]))
     print(f"wrote {out_dir}/cost_model_accuracy.md, heldout.csv, iterations.csv")
+
+
+def repeat_floor(prof, spec, ex, held_grid: ProfileGrid, meta: dict, out_dir: Path, seconds: float,
+                 points: int) -> list[str]:
+    """(c): a random sample of the profile's grid points (the held-out grid's components) measured again now;
+    the relative difference of the profile's median to the new one, as (a) reports a prediction's. Writes
+    repeat.csv; returns the report's lines."""
+    fields = ProfileGrid.__dataclass_fields__
+    grid = ProfileGrid(**{"graphed_owing": False,  # profiles from before the key: measured without it
+                          **{k: tuple(v) if isinstance(v, list) else v for k, v in prof.meta.get("grid", {}).items()
+                             if k in fields}})
+    grid = replace(grid, components=held_grid.components, rounds=1)
+    again = Profiler(spec, ex, grid, None, meta, progress=False, time_limit=seconds)
+    known = prof.frame.set_index(["component", "layers", "batch", "context", "tokens", "checks"])["median_s"]
+    candidates = [p for p in again.points() if p in known.index]
+    rng = np.random.default_rng(1)
+    keep = {candidates[i] for i in rng.choice(len(candidates), min(points, len(candidates)), replace=False)}
+    again.done = set(again.points()) - keep
+    again.run()
+    rows = [dict(zip(("component", "layers", "batch", "context", "tokens", "checks"), point),
+                 profile_ms=known.loc[point] * 1e3, measured_ms=med * 1e3, error=known.loc[point] / med - 1)
+            for point, med in again.frame.set_index(["component", "layers", "batch", "context", "tokens",
+                                                     "checks"])["median_s"].items()]
+    rep = pd.DataFrame(rows)
+    rep.to_csv(out_dir / "repeat.csv", index=False)
+    lines = ["", "## (c) The noise floor: the profile's own points measured again", "",
+             f"{len(rep)} of the profile's grid points (sampled at random from the held-out grid's components; "
+             f"{', '.join(again.skipped) or 'complete'}), measured right after (a); the profile's median against "
+             "the new one. A held-out error much below this is luck.", ""]
+    if len(rep):
+        lines.append(f"- all: {stats(rep['error'].to_numpy())}")
+        for comp, sub in rep.groupby("component"):
+            lines.append(f"- {comp}: {stats(sub['error'].to_numpy())}")
+    return lines
 
 
 def save_works(path: Path, works: list) -> None:

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=0,
                     help="before the matrix, also serve every load untimed (on top of each run's own warm-up): "
                          "1 with full and all_confident + fill, 2 also with per_sequence + copy_hidden / recompute")
-    ap.add_argument("--graphed-owing", action="store_true",
-                    help="decode steps owing K/V graphed up to where it rides (GPUExecutor.graphed_owing); profile "
-                         "with the same setting (python -m eesim.profiler --graphed-owing)")
+    ap.add_argument("--no-graphed-owing", action="store_true",
+                    help="decode steps owing K/V on the general path from their first layer (GPUExecutor.graphed_owing "
+                         "off); profile with the same setting (python -m eesim.profiler --no-graphed-owing)")
     ap.add_argument("--out", default="eesim-out/fidelity")
     args = ap.parse_args(argv)
 
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     model, trace, meas = base.model, base.trace, base.measure
     base = replace(base, cost_model=args.profile)  # priced per KV policy (eesim.cost_choice fits it once)
     executor = build_executor(replace(base, exit_rule=pairs[0][0], kv_policy=pairs[0][1]), "replay", args.num_blocks)
-    executor.graphed_owing = args.graphed_owing
+    executor.graphed_owing = not args.no_graphed_owing
     profiled = bool(read_profile(args.profile).meta.get("grid", {}).get("graphed_owing", False))
-    if profiled != args.graphed_owing:
+    if profiled != executor.graphed_owing:
         print(f"note: the profile was measured with graphed_owing={profiled}, the executor serves with "
-              f"{args.graphed_owing}: steps owing K/V are priced for the other path", flush=True)
+              f"{executor.graphed_owing}: steps owing K/V are priced for the other path", flush=True)
     rows, runs, logs, reqs = [], [], [], []
     if args.warmup:  # capture the CUDA graphs of every load's batch shapes once, before any timed run
         from eesim.gpu.serve import serve

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=3.0)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--num-blocks", type=int, default=2048)
-    ap.add_argument("--graphed-owing", action="store_true", help="GPUExecutor.graphed_owing (profile with the same)")
+    ap.add_argument("--no-graphed-owing", action="store_true",
+                    help="GPUExecutor.graphed_owing off (profile with the same)")
     ap.add_argument("--out", default="eesim-out/serve_breakdown.parquet")
     args = ap.parse_args(argv)
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                      cost_model=args.profile)
     workload = matrix_workload(args.rate, args.duration, config.model)
     executor = build_executor(config, "replay", args.num_blocks)
-    executor.graphed_owing = args.graphed_owing
+    executor.graphed_owing = not args.no_graphed_owing
     warm_up(workload, config, executor)  # as validate does
 
     records: list[dict] = []

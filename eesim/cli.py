@@ -215,11 +215,9 @@ def _executor_run(args: argparse.Namespace):
     config = replace(config, exit_rule=args.rule, kv_policy=args.kv_policy)
     if args.replicas != 1:
         raise EesimError(f"eesim {args.command} serves one replica (--replicas 1)")
-    if args.graphed_owing and args.no_graphs:
-        raise EesimError(f"eesim {args.command}: --graphed-owing runs owing steps on the graphed path; drop --no-graphs")
     executor = build_executor(config, args.mode, args.num_blocks or 2048, args.checkpoint, args.device,
                               args.backend, cuda_graphs=not args.no_graphs)
-    executor.graphed_owing = args.graphed_owing
+    executor.graphed_owing = not args.no_graphed_owing
     return config, workload, notes, executor
 
 
@@ -357,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     execute.add_argument("--backend", default=None, help="kernels: auto, triton or torch")
     execute.add_argument("--no-graphs", action="store_true", help="eager decode, no CUDA graphs")
-    execute.add_argument("--graphed-owing", action="store_true",
-                         help="decode steps owing K/V run graphed up to where it rides (not yet measured on a GPU; "
-                              "price them with a profile measured so: eesim profile --graphed-owing)")
+    execute.add_argument("--no-graphed-owing", action="store_true",
+                         help="decode steps owing K/V on the general path from their first layer, as before "
+                              "2026-11-23 (default: graphed up to where the K/V rides; price with a profile measured "
+                              "the same way: eesim profile --no-graphed-owing)")
     execute.add_argument("--with-simulation", action="store_true",
                          help="also simulate the same workload and print the simulator's error per metric "
                               "(meaningful in replay mode on the GPU that --hardware describes)")
@@ -367,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="the simulator against the GPU executor serving in real time")
     _common(validate)
     for action in execute._actions:  # the executor's own options, as for execute
-        if action.dest in ("rule", "kv_policy", "mode", "checkpoint", "device", "backend", "no_graphs", "graphed_owing"):
+        if action.dest in ("rule", "kv_policy", "mode", "checkpoint", "device", "backend", "no_graphs", "no_graphed_owing"):
             validate._add_action(action)
     validate.set_defaults(func=cmd_validate)
     trace = sub.add_parser("trace", help="describe an exit trace, or write a synthetic one")

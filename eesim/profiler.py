@@ -106,7 +106,8 @@ class ProfileGrid:
     rounds: int = 1
     # the executor's graphed_owing (decode steps owing K/V graphed up to where it rides): a profile prices the
     # executor it measured, so serve with the same setting
-    graphed_owing: bool = False
+    # (profiles without the key in their metadata were measured before it existed: False)
+    graphed_owing: bool = True
 
     def to_meta(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -579,8 +580,8 @@ def grid_from_args(args) -> ProfileGrid:
         over["warmup"] = args.warmup
     if args.rounds:
         over["rounds"] = args.rounds
-    if getattr(args, "graphed_owing", False):
-        over["graphed_owing"] = True
+    if getattr(args, "no_graphed_owing", False):
+        over["graphed_owing"] = False
     return replace(grid, **over)
 
 
@@ -628,8 +629,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headroom-gb", type=float, default=6.0, help="GPU memory left free beside the KV cache")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many seconds of sweep (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--graphed-owing", action="store_true",
-                   help="measure the executor with decode steps owing K/V graphed up to where it rides")
+    p.add_argument("--no-graphed-owing", action="store_true",
+                   help="measure the executor with decode steps owing K/V on the general path from their first "
+                        "layer (GPUExecutor.graphed_owing off)")
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

@@ -93,14 +93,15 @@ def test_profile_bad_rounds_is_one_line_and_exit_2(tmp_path):
     assert not out.exists()
 
 
-def test_graphed_owing_without_graphs_is_refused(tmp_path):
-    out = tmp_path / "out"
-    result = run_cli("execute", "--model", "small", "--device", "cpu", "--no-graphs", "--graphed-owing",
-                     "--workload", "poisson:rate=3,duration=2", "--out", str(out), "--quiet")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "drop --no-graphs" in lines[0], result.stderr
-    assert not out.exists()
+def test_graphed_owing_is_the_default_and_can_be_turned_off():
+    """``execute`` serves owing steps graphed up to where their K/V rides unless ``--no-graphed-owing``."""
+    from eesim.cli import _executor_run, build_parser
+
+    common = ["execute", "--model", "small", "--device", "cpu", "--backend", "torch", "--kv-policy", "copy_hidden",
+              "--workload", "poisson:rate=3,duration=2", "--quiet"]
+    parser = build_parser()
+    assert _executor_run(parser.parse_args(common))[3].graphed_owing
+    assert not _executor_run(parser.parse_args(common + ["--no-graphed-owing"]))[3].graphed_owing
 
 
 def test_unknown_option_exits_2():
@@ -142,7 +143,7 @@ def test_execute_serves_on_the_cpu_executor(tmp_path, mode):
     if mode == "model":
         args += ["--checkpoint", str(REPO / "traces" / "small")]
     else:
-        args += ["--with-simulation", "--graphed-owing"]  # owing steps graphed until their K/V rides: same exits
+        args += ["--with-simulation"]  # owing steps graphed until their K/V rides (the default): same exits
     assert main(args) == 0
     requests = pd.read_parquet(tmp_path / "requests.parquet")
     iterations = pd.read_parquet(tmp_path / "iterations.parquet")

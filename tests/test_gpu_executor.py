@@ -229,8 +229,10 @@ def test_graphed_decode_path_matches_general_path(model, rule, policy, meas, thr
     assert pair[1][0]._mixed_graphs._shapes  # prompt chunks ran padded
     written = ~torch.isnan(pair[0][0].k_cache)
     assert torch.equal(written, ~torch.isnan(pair[1][0].k_cache))
-    torch.testing.assert_close(pair[1][0].k_cache[written], pair[0][0].k_cache[written], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pair[1][0].v_cache[written], pair[0][0].v_cache[written], atol=1e-5, rtol=1e-5)
+    # fp32 through GEMMs of other shapes (padded rows, rows gathered per stretch): the reduction order, and so
+    # the last bits, follow the CPU's BLAS kernels (up to 2.6e-5 seen on an AMD EPYC; 1e-5 held on another CPU)
+    torch.testing.assert_close(pair[1][0].k_cache[written], pair[0][0].k_cache[written], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pair[1][0].v_cache[written], pair[0][0].v_cache[written], atol=1e-4, rtol=1e-4)
 
 
 # ---- (c) ---------------------------------------------------------------------------------------------

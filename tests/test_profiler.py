@@ -200,14 +200,15 @@ def test_decode_contexts_spread_with_the_grid_mean(tmp_path, ctx, batch):
 
 
 def test_graphed_owing_set_from_the_command_line_and_recorded():
-    """``--graphed-owing`` profiles the executor that serves owing steps graphed up to where their K/V rides;
-    the grid, recorded in the profile's metadata, says which executor a profile priced."""
+    """By default the profiler measures the executor that serves owing steps graphed up to where their K/V rides;
+    ``--no-graphed-owing`` the one that runs them on the general path; the grid, recorded in the profile's
+    metadata, says which executor a profile priced."""
     import argparse
 
     from eesim.profiler import _add_arguments, grid_from_args
 
     parser = argparse.ArgumentParser()
     _add_arguments(parser)
-    assert grid_from_args(parser.parse_args(["--graphed-owing"])).graphed_owing
-    assert not grid_from_args(parser.parse_args([])).graphed_owing
-    assert GRIDS["default"].to_meta()["graphed_owing"] is False
+    assert not grid_from_args(parser.parse_args(["--no-graphed-owing"])).graphed_owing
+    assert grid_from_args(parser.parse_args([])).graphed_owing
+    assert GRIDS["default"].to_meta()["graphed_owing"] is True

@@ -143,9 +143,10 @@ class GPUExecutor:
         # False: every plan takes the general path (the profiler times eager exit checks this way)
         self.graphed_decode = True
         # True: decode steps that start owing K/V (copy_hidden, recompute) run graphed up to the first stretch
-        # where it would ride along, then on the general path (decode_path._hand_over). Off by default until
-        # measured on the GPU (checked on CPU by the tests); the profiler records it (ProfileGrid.graphed_owing)
-        self.graphed_owing = False
+        # where it would ride along, then on the general path (decode_path._hand_over). On by default since
+        # measured on the H100 (2026-11-23: such steps 0.8-2 ms faster, docs/benchmarks.md); the profiler records
+        # it (ProfileGrid.graphed_owing)
+        self.graphed_owing = True
         self.handovers = 0  # graphed passes the general path took over where owed K/V rides (decode_path.py)
         self._stager = MetaStager(self.device, block_size)
         self._pinned = PinnedStager(self.device)
