@@ -229,9 +229,18 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     config, workload, notes, executor = _executor_run(args)
     num_blocks = executor.num_blocks
+    warmups = args.warmup if args.warmup >= 0 else int(executor.device.type == "cuda")
+    if warmups:  # graphs captured and kernels compiled before the measured pass, as validate does
+        from eesim.validate import warm_up
+
+        warm_up(workload, config, executor, warmups)
     started = time.perf_counter()
     result = serve(workload, config, executor)
     wall = time.perf_counter() - started
+    captured = result.labels.get("graph_captures", 0)
+    if captured:
+        notes.append(f"{captured} CUDA graphs were captured during the measured pass (each stalls its iteration for "
+                     f"about a model pass): its latencies include those stalls (--warmup to pass untimed first)")
     rows = {"executor (measured)": result}
     if args.with_simulation:
         from eesim.simulator import simulate
@@ -355,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     execute.add_argument("--backend", default=None, help="kernels: auto, triton or torch")
     execute.add_argument("--no-graphs", action="store_true", help="eager decode, no CUDA graphs")
+    execute.add_argument("--warmup", type=int, default=-1,
+                         help="untimed passes before the measured one, after capturing the graphs the workload can "
+                              "need (default: 1 on CUDA, 0 on CPU; 0: none, compilation and captures then land in "
+                              "the measured pass)")
     execute.add_argument("--no-graphed-owing", action="store_true",
                          help="decode steps owing K/V on the general path from their first layer, as before "
                               "2026-11-23 (default: graphed up to where the K/V rides; price with a profile measured "
