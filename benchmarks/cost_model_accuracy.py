@@ -207,11 +207,7 @@ def repeat_floor(prof, spec, ex, held_grid: ProfileGrid, meta: dict, out_dir: Pa
     """(c): a random sample of the profile's grid points (the held-out grid's components) measured again now;
     the relative difference of the profile's median to the new one, as (a) reports a prediction's. Writes
     repeat.csv; returns the report's lines."""
-    fields = ProfileGrid.__dataclass_fields__
-    grid = ProfileGrid(**{"graphed_owing": False,  # profiles from before the key: measured without it
-                          **{k: tuple(v) if isinstance(v, list) else v for k, v in prof.meta.get("grid", {}).items()
-                             if k in fields}})
-    grid = replace(grid, components=held_grid.components, rounds=1)
+    grid = replace(ProfileGrid.from_meta(prof.meta.get("grid", {})), components=held_grid.components, rounds=1)
     again = Profiler(spec, ex, grid, None, meta, progress=False, time_limit=seconds)
     known = prof.frame.set_index(["component", "layers", "batch", "context", "tokens", "checks"])["median_s"]
     candidates = [p for p in again.points() if p in known.index]

@@ -37,6 +37,7 @@ from eesim.model_spec import model_preset  # noqa: E402
 from eesim.policies import measure  # noqa: E402
 from eesim.policies.thresholds import parse_threshold  # noqa: E402
 from eesim.profile_data import read_profile  # noqa: E402
+from eesim.profiler import ProfileGrid  # noqa: E402
 from eesim.scheduler import SchedulerConfig  # noqa: E402
 from eesim.validate import validate  # noqa: E402
 from eesim.workload import Workload, load_workload  # noqa: E402
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     base = replace(base, cost_model=args.profile)  # priced per KV policy (eesim.cost_choice fits it once)
     executor = build_executor(replace(base, exit_rule=pairs[0][0], kv_policy=pairs[0][1]), "replay", args.num_blocks)
     executor.graphed_owing = not args.no_graphed_owing
-    profiled = bool(read_profile(args.profile).meta.get("grid", {}).get("graphed_owing", False))
+    profiled = ProfileGrid.from_meta(read_profile(args.profile).meta.get("grid", {})).graphed_owing
     if profiled != executor.graphed_owing:
         print(f"note: the profile was measured with graphed_owing={profiled}, the executor serves with "
               f"{executor.graphed_owing}: steps owing K/V are priced for the other path", flush=True)

@@ -230,10 +230,15 @@ def cmd_execute(args: argparse.Namespace) -> int:
     config, workload, notes, executor = _executor_run(args)
     num_blocks = executor.num_blocks
     warmups = args.warmup if args.warmup >= 0 else int(executor.device.type == "cuda")
-    if warmups:  # graphs captured and kernels compiled before the measured pass, as validate does
-        from eesim.validate import warm_up
+    simulated = None
+    if args.with_simulation or warmups:  # the warm-up captures for batches up to twice the simulation's largest
+        from eesim.simulator import simulate
 
-        warm_up(workload, config, executor, warmups)
+        simulated = simulate(workload, replace(config, scheduler=replace(config.scheduler, num_blocks=num_blocks)))
+    if warmups:  # graphs captured and kernels compiled before the measured pass, as validate does
+        from eesim.validate import peak_batch, warm_up
+
+        warm_up(workload, config, executor, warmups, peak_batch(simulated))
     started = time.perf_counter()
     result = serve(workload, config, executor)
     wall = time.perf_counter() - started
@@ -243,9 +248,6 @@ def cmd_execute(args: argparse.Namespace) -> int:
                      f"about a model pass): its latencies include those stalls (--warmup to pass untimed first)")
     rows = {"executor (measured)": result}
     if args.with_simulation:
-        from eesim.simulator import simulate
-
-        simulated = simulate(workload, replace(config, scheduler=replace(config.scheduler, num_blocks=num_blocks)))
         rows[f"simulator ({simulated.labels['cost_model']})"] = simulated
     summary = pd.DataFrame([r.summary for r in rows.values()])
     summary.insert(0, "policy", [f"{label}: {result.labels['exit_rule']} + {result.labels['kv_policy']}"

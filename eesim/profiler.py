@@ -112,6 +112,13 @@ class ProfileGrid:
     def to_meta(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> ProfileGrid:
+        """The grid a profile's metadata (``meta["grid"]``) records; keys it lacks take their defaults, but
+        ``graphed_owing`` False: profiles from before the key measured the executor without it."""
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in cls.__dataclass_fields__}
+        return cls(**{"graphed_owing": False, **known})
+
 
 GRIDS = {
     "default": ProfileGrid(),

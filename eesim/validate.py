@@ -111,6 +111,11 @@ def prepare_graphs(workload: Workload, config: SimConfig, executor, peak_rows: i
     return executor.capture_graphs(rows, min(longest, config.model.max_context), chunk)
 
 
+def peak_batch(simulated: SimResult) -> int | None:
+    """The largest batch a simulation of the workload formed (what ``prepare_graphs`` sizes its captures by)."""
+    return int(simulated.iterations["batch_size"].max()) if len(simulated.iterations) else None
+
+
 def warm_up(workload: Workload, config: SimConfig, executor, warmups: int = 3, peak_rows: int | None = None) -> None:
     """What runs untimed before a timed pass: the graphs ``workload`` can need captured up front
     (``prepare_graphs``), then real-time passes, at most ``warmups``, until one captures no graph."""
@@ -133,8 +138,7 @@ def validate(workload: Workload, config: SimConfig, executor, cost_model: CostMo
 
     same_cache = replace(config, scheduler=replace(config.scheduler, num_blocks=executor.num_blocks))
     simulated = simulate(workload, same_cache, cost_model)
-    peak = int(simulated.iterations["batch_size"].max()) if len(simulated.iterations) else None
-    warm_up(workload, config, executor, warmups, peak)
+    warm_up(workload, config, executor, warmups, peak_batch(simulated))
     measured = serve(workload, config, executor, realtime=True)
     bands = error_bands(measured.requests, simulated.requests)
     return error_table(measured.summary, simulated.summary, bands), measured, simulated

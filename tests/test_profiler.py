@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from eesim.errors import EesimError  # noqa: E402
 from eesim.model_spec import ModelSpec  # noqa: E402
 from eesim.profile_data import COLUMNS, read_profile, spec_to_meta, write_profile  # noqa: E402
-from eesim.profiler import GRIDS, Profiler, build_executor  # noqa: E402
+from eesim.profiler import GRIDS, ProfileGrid, Profiler, build_executor  # noqa: E402
 
 SPEC = ModelSpec("tinyp", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, mlp_size=96, vocab_size=101,
                  exit_layers=(1, 2, 3), dtype="float32", max_context=256)
@@ -212,3 +212,5 @@ def test_graphed_owing_set_from_the_command_line_and_recorded():
     assert not grid_from_args(parser.parse_args(["--no-graphed-owing"])).graphed_owing
     assert grid_from_args(parser.parse_args([])).graphed_owing
     assert GRIDS["default"].to_meta()["graphed_owing"] is True
+    assert ProfileGrid.from_meta(GRIDS["default"].to_meta()) == GRIDS["default"]
+    assert ProfileGrid.from_meta({"batches": [1, 2]}).graphed_owing is False  # a profile from before the key
